@@ -1,0 +1,61 @@
+"""Every key that crosses the wire (Flower messages, run/node config), in one place."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["MessageKey", "MetricKey", "RunConfigKey", "NodeConfigKey", "ConfigKey"]
+
+
+class RunConfigKey(StrEnum):
+    """Keys of Flower's ``context.run_config`` (owned by the coordinator)."""
+
+    CONFIG_JSON = "consilia-config-json"
+    RUN_DIR = "consilia-run-dir"
+    SIM_SITES_DIR = "consilia-sim-sites-dir"
+
+
+class NodeConfigKey(StrEnum):
+    """Keys of Flower's ``context.node_config`` (owned by the site)."""
+
+    SITE_CONFIG = "site-config"
+    PARTITION_ID = "partition-id"
+    NUM_PARTITIONS = "num-partitions"
+
+
+class MessageKey(StrEnum):
+    """Record names inside a Flower ``Message`` content."""
+
+    ARRAYS = "arrays"
+    CONFIG = "config"
+    METRICS = "metrics"
+    SITE = "site"
+
+
+class ConfigKey(StrEnum):
+    """Keys of the ``ConfigRecord`` the coordinator sends with each instruction."""
+
+    SERVER_ROUND = "server-round"
+    TRAIN_JSON = "train-json"
+    MODEL_JSON = "model-json"
+    TASK_JSON = "task-json"
+    DP_JSON = "dp-json"
+    RUN_NAME = "run-name"
+    TOTAL_ROUNDS = "total-rounds"
+    PROXIMAL_MU = "proximal-mu"
+
+
+class MetricKey(StrEnum):
+    """Scalar metric names that sites report (``MetricRecord``)."""
+
+    NUM_EXAMPLES = "num-examples"
+    TRAIN_LOSS = "train-loss"
+    EVAL_LOSS = "eval-loss"
+    ACCURACY = "accuracy"
+    BALANCED_ACCURACY = "balanced-accuracy"
+    AUC = "auc"
+    F1 = "f1"
+    SITE_INDEX = "site-index"
+    EPSILON = "epsilon"
+    DELTA = "delta"
+    TRAIN_SECONDS = "train-seconds"
