@@ -65,7 +65,11 @@ def model_from_run_config(run: RunConfig) -> nn.Module:
 
 
 def save_checkpoint(
-    path: Path, model: nn.Module, run: RunConfig, server_round: int, extra: dict[str, Any] | None = None
+    path: Path,
+    model: nn.Module,
+    run: RunConfig,
+    server_round: int,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a self-describing checkpoint (weights + the config needed to rebuild the model).
 

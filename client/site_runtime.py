@@ -1,0 +1,85 @@
+"""Where a ClientApp finds its site: simulated (partition file) or deployed (site config).
+
+The ClientApp is the same object in simulation and deployment; only the environment differs:
+- simulation: ``node_config`` has ``partition-id`` and the run config names the directory of
+  per-site ``.npz`` files written by ``fl-sim``;
+- deployment: ``node_config`` has ``site-config``, the hospital's own YAML file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from consilia.client.trainer import ImageData, SiteTrainer
+from consilia.common.constants import NodeConfigKey, RunConfigKey
+from consilia.common.instructions import RoundInstruction
+
+__all__ = ["SiteRuntime", "resolve_site", "register_deployed_site_loader"]
+
+
+@dataclass
+class SiteRuntime:
+    """A loaded site: its trainer plus an optional policy check."""
+
+    name: str
+    trainer: SiteTrainer
+    check_policy: Callable[[RoundInstruction], None] | None = None
+
+    def enforce_policy(self, instr: RoundInstruction) -> None:
+        """Raise if the coordinator's instruction violates this site's policy."""
+        if self.check_policy is not None:
+            self.check_policy(instr)
+
+
+_CACHE: dict[tuple, SiteRuntime] = {}
+_DEPLOYED_LOADER: list[Callable[[Path, RoundInstruction], SiteRuntime]] = []
+
+
+def register_deployed_site_loader(loader: Callable[[Path, RoundInstruction], SiteRuntime]) -> None:
+    """Install the loader used when ``node_config`` carries a ``site-config`` path."""
+    _DEPLOYED_LOADER[:] = [loader]
+
+
+def _simulated_site(sites_dir: Path, partition_id: int, threads: int | None) -> SiteRuntime:
+    files = sorted(sites_dir.glob("site-*.npz"))
+    if partition_id >= len(files):
+        raise ValueError(
+            f"partition-id {partition_id} but only {len(files)} site files in {sites_dir}"
+        )
+    with np.load(files[partition_id]) as z:
+        train = ImageData(z["train_images"], z["train_labels"].astype(np.int64))
+        val = ImageData(z["val_images"], z["val_labels"].astype(np.int64))
+    name = files[partition_id].stem
+    trainer = SiteTrainer(name, train, val, site_index=partition_id, threads=threads)
+    return SiteRuntime(name=name, trainer=trainer)
+
+
+def resolve_site(
+    node_config: dict, run_config: dict, instr: RoundInstruction, run_id: int
+) -> SiteRuntime:
+    """Return the (cached) site for this node and run."""
+    if NodeConfigKey.SITE_CONFIG.value in node_config:
+        path = Path(str(node_config[NodeConfigKey.SITE_CONFIG.value]))
+        key: tuple = ("deployed", str(path), instr.task.model_dump_json(), run_id)
+        if key not in _CACHE:
+            if not _DEPLOYED_LOADER:
+                from consilia.client import site_config  # noqa: F401  (registers the loader)
+            _CACHE[key] = _DEPLOYED_LOADER[0](path, instr)
+        return _CACHE[key]
+    sites_dir = run_config.get(RunConfigKey.SIM_SITES_DIR.value)
+    if not sites_dir:
+        raise ValueError(
+            "this node has neither a 'site-config' (deployment) nor a simulation sites "
+            "directory in the run config; start it with fl-client --site site.yaml"
+        )
+    pid = int(node_config[NodeConfigKey.PARTITION_ID.value])
+    threads = int(run_config.get("consilia-sim-threads", 1))
+    key = ("sim", str(sites_dir), pid, run_id)
+    if key not in _CACHE:
+        _CACHE.clear()  # one run at a time per simulation worker
+        _CACHE[key] = _simulated_site(Path(str(sites_dir)), pid, threads)
+    return _CACHE[key]

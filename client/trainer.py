@@ -1,0 +1,196 @@
+"""The site trainer: local fit/evaluate on the site's own data. No Flower imports.
+
+Used by the ClientApp in both simulation and deployment, and by the local-only baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from consilia.common.config import TaskSpec, TrainConfig
+from consilia.common.engine import evaluate_model, seed_everything, snapshot_params, train_epochs
+from consilia.common.instructions import RoundInstruction
+from consilia.common.losses import build_loss
+from consilia.common.metrics import compute_metrics
+from consilia.common.models import build_model
+from consilia.common.optim import build_optimizer
+from consilia.common.serde import clean_state_dict
+from consilia.common.transforms import (
+    ImageArrayDataset,
+    build_eval_transform,
+    build_train_transform,
+    make_loader,
+)
+
+__all__ = ["ImageData", "SiteTrainer", "build_task_model", "evaluate_on", "train_model"]
+
+
+@dataclass
+class ImageData:
+    """A site's (or pool's) images as uint8 (N,C,H,W) and int64 labels (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        """Return the number of samples per class."""
+        return np.bincount(self.labels, minlength=num_classes)
+
+
+def build_task_model(model_name: str, kwargs: dict, task: TaskSpec) -> nn.Module:
+    """Build the run's model for the task's geometry and label space."""
+    return build_model(model_name, task.in_channels, task.num_classes, task.image_size, **kwargs)
+
+
+def _dataset(data: ImageData, train: TrainConfig, task: TaskSpec, seed: int, augment: bool):
+    if augment and train.augmentation.enabled:
+        transform = build_train_transform(
+            train.augmentation, train.preprocess, task.image_size, seed
+        )
+    else:
+        transform = build_eval_transform(train.preprocess, task.image_size)
+    return ImageArrayDataset(data.images, data.labels, transform=transform)
+
+
+def train_model(
+    model: nn.Module,
+    data: ImageData,
+    train: TrainConfig,
+    task: TaskSpec,
+    epochs: int,
+    seed: int,
+    proximal_mu: float = 0.0,
+    privacy: object | None = None,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+) -> tuple[float, int, int]:
+    """Train ``model`` in place on ``data``; returns ``(mean loss, num_examples, steps)``.
+
+    ``privacy``, when given, is a DP controller whose ``wrap`` method makes the model,
+    optimizer and loader private (see :mod:`consilia.client.privacy`).
+    """
+    seed_everything(seed)
+    loader = make_loader(
+        _dataset(data, train, task, seed, augment=True), train.batch_size, shuffle=True, seed=seed
+    )
+    optimizer = build_optimizer(
+        train.optimizer, model.parameters(), train.lr, train.momentum, train.weight_decay
+    )
+    counts = data.class_counts(task.num_classes) if train.class_weights else None
+    loss_fn = build_loss(train.loss, task.num_classes, counts, train.focal_gamma)
+    anchors = snapshot_params(model) if proximal_mu > 0 else None
+    if privacy is not None:
+        return privacy.train(  # type: ignore[attr-defined]
+            model, optimizer, loader, loss_fn, epochs, proximal_mu, anchors
+        )
+    result = train_epochs(
+        model, loader, optimizer, loss_fn, epochs, proximal_mu, anchors,
+        num_examples=len(data), on_epoch_end=on_epoch_end,
+    )
+    return result.loss, result.num_examples, result.steps
+
+
+def evaluate_on(
+    model: nn.Module, data: ImageData, train: TrainConfig, task: TaskSpec, batch_size: int = 256
+):
+    """Evaluate ``model`` on ``data``: returns an :class:`~consilia.common.engine.EvalResult`."""
+    loader = make_loader(
+        _dataset(data, train, task, 0, augment=False), batch_size, shuffle=False, seed=0
+    )
+    loss_fn = build_loss(train.loss, task.num_classes, None, train.focal_gamma)
+    return evaluate_model(model, loader, loss_fn)
+
+
+@dataclass
+class SiteTrainer:
+    """Fit and evaluate the global model on one site's data.
+
+    Parameters
+    ----------
+    name : str
+        Site name reported to the coordinator.
+    train_data, val_data : ImageData
+        The site's training data and its held-out split.
+    site_index : int
+        Used to derive per-site seeds.
+    threads : int, optional
+        ``torch.set_num_threads`` for this process.
+    privacy_factory : callable, optional
+        ``f(instruction, n_train) -> controller | None`` providing DP per round.
+    """
+
+    name: str
+    train_data: ImageData
+    val_data: ImageData | None
+    site_index: int = 0
+    threads: int | None = None
+    privacy_factory: Callable[[RoundInstruction, int], object | None] | None = None
+    _model_cache: dict = field(default_factory=dict, repr=False)
+
+    def _model(self, instr: RoundInstruction, state: OrderedDict) -> nn.Module:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        key = (instr.model.model_dump_json(), instr.task.model_dump_json())
+        model = self._model_cache.get(key)
+        if model is None:
+            model = build_task_model(instr.model.name, dict(instr.model.kwargs), instr.task)
+            self._model_cache.clear()
+            self._model_cache[key] = model
+        model.load_state_dict(state, strict=True)
+        return model
+
+    def fit(self, state: OrderedDict, instr: RoundInstruction) -> tuple[OrderedDict, dict]:
+        """Train from the global ``state``; return the new weights and scalar metrics."""
+        start = time.perf_counter()
+        model = self._model(instr, state)
+        privacy = (
+            self.privacy_factory(instr, len(self.train_data)) if self.privacy_factory else None
+        )
+        seed = instr.seed * 100_003 + instr.server_round * 1_009 + self.site_index
+        loss, num_examples, _steps = train_model(
+            model, self.train_data, instr.train, instr.task, instr.train.local_epochs, seed,
+            proximal_mu=instr.proximal_mu, privacy=privacy,
+        )
+        metrics = {
+            "train-loss": float(loss),
+            "num-examples": int(num_examples),
+            "train-seconds": time.perf_counter() - start,
+            "dp-enabled": 0.0,
+            "epsilon": 0.0,
+        }
+        if privacy is not None:
+            metrics["dp-enabled"] = 1.0
+            metrics["epsilon"] = float(privacy.spent_epsilon())  # type: ignore[attr-defined]
+        inner = getattr(model, "_module", model)
+        return clean_state_dict(inner.state_dict()), metrics
+
+    def evaluate(self, state: OrderedDict, instr: RoundInstruction) -> dict:
+        """Evaluate the global ``state`` on the site's held-out split."""
+        data = self.val_data if self.val_data is not None and len(self.val_data) else None
+        if data is None:
+            raise ValueError(f"site {self.name} has no held-out validation data")
+        model = self._model(instr, state)
+        res = evaluate_on(model, data, instr.train, instr.task)
+        head = compute_metrics(res.y_true, res.y_prob, instr.task.class_names).headline()
+        return {
+            "eval-loss": float(res.loss),
+            "accuracy": float(head["accuracy"]),
+            "balanced-accuracy": float(head["balanced_accuracy"]),
+            "auc": _finite(head["auc"]),
+            "f1": float(head["f1"]),
+            "num-examples": res.num_examples,
+        }
+
+
+def _finite(value: float) -> float:
+    """Metric records cannot carry None; report an undefined AUC as -1 (documented)."""
+    return float(value) if value is not None and np.isfinite(value) else -1.0

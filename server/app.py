@@ -1,0 +1,65 @@
+"""The Consilia ServerApp (Flower Message API): the same object in simulation and deployment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from consilia.client.trainer import ImageData
+from consilia.common.config import RunConfig
+from consilia.common.constants import RunConfigKey
+from consilia.common.engine import seed_everything
+from consilia.common.instructions import RoundInstruction
+from consilia.common.serde import arrays_from_model
+from consilia.server.recorder import RunRecorder
+from consilia.server.strategy import build_strategy
+
+__all__ = ["app", "run_federation"]
+
+app = ServerApp()
+
+
+def _load_test_set(run_dir: Path) -> ImageData | None:
+    path = run_dir / "test_set.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return ImageData(z["images"], z["labels"].astype(np.int64))
+
+
+def run_federation(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
+    """Run all rounds of ``run`` on ``grid`` and write ``run_dir``; return final metrics."""
+    seed_everything(run.seed)
+    recorder = RunRecorder(run_dir, run, _load_test_set(run_dir))
+    strategy = build_strategy(run.strategy, run.dp, recorder)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=arrays_from_model(recorder.model),
+        num_rounds=run.strategy.rounds,
+        timeout=run.strategy.round_timeout_s,
+        train_config=RoundInstruction.base_config(run),
+        evaluate_config=RoundInstruction.base_config(run),
+        evaluate_fn=recorder.evaluate,
+    )
+    final = recorder.finish(result.arrays)
+    (run_dir / "federated_metrics.json").write_text(json.dumps(final, indent=2))
+    return final
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Parse the run configuration from ``context.run_config`` and run the federation."""
+    raw = context.run_config.get(RunConfigKey.CONFIG_JSON.value)
+    if not raw:
+        raise ValueError(
+            f"run config lacks '{RunConfigKey.CONFIG_JSON.value}'; launch runs with "
+            "fl-server run or fl-sim"
+        )
+    run = RunConfig.model_validate_json(str(raw))
+    run_dir = Path(str(context.run_config.get(RunConfigKey.RUN_DIR.value) or "runs/latest"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_federation(grid, run, run_dir)

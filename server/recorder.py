@@ -1,0 +1,192 @@
+"""The coordinator's run recorder: per-round metrics, checkpoints and progress lines."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from consilia.client.trainer import ImageData, evaluate_on
+from consilia.common.config import RunConfig
+from consilia.common.constants import MessageKey
+from consilia.common.metrics import compute_metrics
+from consilia.common.plots import plot_confusion_matrix, plot_learning_curves
+from consilia.common.serde import load_arrays_into_model, model_from_run_config, save_checkpoint
+
+__all__ = ["RunRecorder", "flatten"]
+
+logger = logging.getLogger("consilia")
+
+
+def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts with dotted keys (for the CSV view)."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _site_name(msg: Message) -> str:
+    site = msg.content.config_records.get(MessageKey.SITE.value) if msg.has_content() else None
+    if site is not None and "name" in site:
+        return str(site["name"])
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunRecorder:
+    """Collect what happens in each round and write the run directory.
+
+    Parameters
+    ----------
+    run_dir : Path
+        Output directory (see ``docs/run-directory.md``).
+    run : RunConfig
+        The run configuration (with ``task``).
+    test_data : ImageData, optional
+        A test split for server-side evaluation of the global model each round.
+    """
+
+    def __init__(self, run_dir: Path, run: RunConfig, test_data: ImageData | None = None):
+        self.run_dir = Path(run_dir)
+        self.run = run
+        self.test_data = test_data
+        self.model = model_from_run_config(run)
+        self.rounds: list[dict[str, Any]] = []
+        self._pending: dict[str, Any] = {}
+        self._start = time.perf_counter()
+        self.last_eval = None
+        (self.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self._jsonl = self.run_dir / "metrics" / "rounds.jsonl"
+        self._jsonl.write_text("")
+
+    # -- replies -------------------------------------------------------------------
+    def record_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> None:
+        """Store each site's metrics (and each refusal's reason) for ``server_round``."""
+        sites = self._pending.setdefault("sites", {})
+        for msg in replies:
+            name = _site_name(msg)
+            if msg.has_error():
+                reason = msg.error.reason or f"error code {msg.error.code}"
+                self._pending.setdefault("errors", []).append(
+                    {"site": name, "phase": phase, "reason": reason}
+                )
+                logger.warning("round %d: %s %s failed: %s", server_round, name, phase, reason)
+                continue
+            for record in msg.content.metric_records.values():
+                entry = sites.setdefault(name, {})
+                entry.update({k: _clean(float(v)) for k, v in record.items()})
+                if entry.get("dp-enabled") == 0.0:
+                    entry["epsilon"] = None
+
+    def incomplete_round(self, server_round: int, phase: str, answered: int,
+                         required: int) -> None:
+        """Note that fewer than ``required`` sites answered ``phase`` (global model kept)."""
+        self._pending["incomplete"] = {"phase": phase, "answered": answered,
+                                       "required": required}
+        logger.warning("round %d: only %d of the required %d site(s) answered %s; the global "
+                       "model is kept", server_round, answered, required, phase)
+
+    def aggregated(self, phase: str, metrics: MetricRecord | None) -> None:
+        """Store the strategy's aggregated metrics of ``phase`` ("train" or "federated_eval")."""
+        if metrics is not None:
+            self._pending[phase] = {k: _clean(float(v)) for k, v in metrics.items()}
+
+    # -- server-side evaluation (also the per-round checkpoint hook) ------------------
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Evaluate the global model, checkpoint it and write this round's line."""
+        load_arrays_into_model(self.model, arrays)
+        record: dict[str, Any] = {"round": server_round,
+                                  "elapsed_s": round(time.perf_counter() - self._start, 2)}
+        record.update(self._pending)
+        self._pending = {}
+        result = None
+        if self.test_data is not None and len(self.test_data):
+            res = evaluate_on(self.model, self.test_data, self.run.train, self.run.task)
+            head = compute_metrics(res.y_true, res.y_prob, self.run.task.class_names).headline()
+            record["server_eval"] = {"loss": res.loss, **{k: _clean(v) for k, v in head.items()}}
+            self.last_eval = res
+            result = MetricRecord({k: float(v) for k, v in record["server_eval"].items()
+                                   if v is not None})
+        if server_round > 0:
+            save_checkpoint(self.run_dir / "checkpoints" / f"round-{server_round:03d}.pt",
+                            self.model, self.run, server_round)
+        self.rounds.append(record)
+        with self._jsonl.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self._write_csv()
+        logger.info(self.progress_line(record))
+        return result
+
+    def progress_line(self, record: dict[str, Any]) -> str:
+        """One human line per round: round, loss, AUC, accuracy, elapsed."""
+        total = self.run.strategy.rounds
+        parts = [f"[round {record['round']:>3}/{total}]"]
+        train = record.get("train") or {}
+        if "train-loss" in train:
+            parts.append(f"train loss {train['train-loss']:.4f}")
+        fed = record.get("federated_eval") or {}
+        if "accuracy" in fed:
+            parts.append(f"site-val acc {fed['accuracy']:.4f}")
+        srv = record.get("server_eval") or {}
+        if srv:
+            auc = srv.get("auc")
+            parts.append(f"test AUC {auc:.4f}" if auc is not None else "test AUC n/a")
+            parts.append(f"test acc {srv['accuracy']:.4f}")
+        eps = [s.get("epsilon") for s in (record.get("sites") or {}).values()
+               if s.get("epsilon") is not None]
+        if eps:
+            parts.append(f"max eps {max(eps):.2f}")
+        if record.get("errors"):
+            parts.append(f"{len(record['errors'])} site failure(s)")
+        parts.append(f"{record['elapsed_s']:.1f}s")
+        return " | ".join(parts)
+
+    def _write_csv(self) -> None:
+        rows = [flatten(r) for r in self.rounds]
+        columns: list[str] = []
+        for row in rows:
+            columns.extend(c for c in row if c not in columns and c != "errors")
+        with (self.run_dir / "metrics" / "rounds.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    # -- end of run -----------------------------------------------------------------
+    def finish(self, final_arrays: ArrayRecord | None) -> dict[str, Any]:
+        """Write the final model, predictions, metrics and plots; return final metrics."""
+        if final_arrays is not None:
+            load_arrays_into_model(self.model, final_arrays)
+        save_checkpoint(self.run_dir / "global_model.pt", self.model, self.run,
+                        self.rounds[-1]["round"] if self.rounds else 0)
+        final: dict[str, Any] = {}
+        if self.test_data is not None and len(self.test_data):
+            res = evaluate_on(self.model, self.test_data, self.run.train, self.run.task)
+            metrics = compute_metrics(res.y_true, res.y_prob, self.run.task.class_names)
+            final["federated"] = metrics.to_dict()
+            (self.run_dir / "predictions").mkdir(exist_ok=True)
+            np.savez_compressed(self.run_dir / "predictions" / "federated.npz",
+                                y_true=res.y_true, y_prob=res.y_prob)
+            plot_confusion_matrix(metrics.confusion_matrix, self.run.task.class_names,
+                                  self.run_dir / "plots" / "confusion_matrix.png",
+                                  title="global model, test split")
+        plot_learning_curves(self.rounds, self.run_dir / "plots" / "learning_curves.png")
+        return final

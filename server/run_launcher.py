@@ -1,0 +1,298 @@
+"""Launch a deployed run from a run config and follow it round by round.
+
+``fl-server run RUN.yaml`` validates the file into :class:`~consilia.common.config.RunConfig`
+(a deployed run needs ``task``), writes the run directory's metadata and the Flower app
+(``write_flower_app``), submits it with ``flwr run`` and prints one line per round as the
+ServerApp appends ``metrics/rounds.jsonl``. The ServerApp runs on the coordinator machine
+(spawned by the SuperLink), so the run directory is a coordinator-local path.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from consilia.common.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_config_file,
+    parse_model,
+)
+from consilia.common.constants import RunConfigKey
+from consilia.common.flower_app import write_flower_app
+from consilia.server.operator import FlowerOperator
+
+__all__ = [
+    "RunTimeoutError",
+    "check_test_set",
+    "follow_run",
+    "format_round",
+    "library_versions",
+    "load_run_config",
+    "prepare_run_dir",
+    "readable_reason",
+]
+
+_LIBRARIES = ("torch", "torchvision", "flwr", "monai", "opacus", "pydicom", "pydantic", "numpy")
+_TASK_HELP = (
+    "a deployed run needs 'task': class_names (the labels every site uses in its labels.csv, "
+    "in the same order everywhere), in_channels (1 or 3) and image_size; see "
+    "deploy/run.example.yaml"
+)
+
+
+class RunTimeoutError(TimeoutError):
+    """The run did not finish within the time the operator allowed."""
+
+
+def load_run_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a run config (YAML/TOML) plus ``section.field=value`` overrides.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and each bad field; also when ``task`` is missing.
+
+    """
+    data = apply_overrides(load_config_file(Path(path)), list(overrides))
+    run = parse_model(RunConfig, data, str(path))
+    if run.task is None:
+        raise ConfigError(f"{path}: {_TASK_HELP}")
+    s = run.strategy
+    if s.min_train_sites > s.min_available_sites:
+        raise ConfigError(
+            f"{path}: strategy.min_train_sites={s.min_train_sites} exceeds "
+            f"strategy.min_available_sites={s.min_available_sites}; a round could never start"
+        )
+    return run
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python, the platform and the libraries that shape the results."""
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in _LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def check_test_set(path: Path, run: RunConfig) -> None:
+    """Check a coordinator-held test split (``images`` uint8 N×C×H×W, ``labels``).
+
+    Raises
+    ------
+    ConfigError
+        If the file or its arrays do not match the run's task.
+
+    """
+    path = Path(path)
+    task = run.task
+    assert task is not None
+    if not path.is_file():
+        raise ConfigError(f"--test-set {path}: file not found")
+    try:
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"--test-set {path}: expected an .npz with arrays 'images' and 'labels' ({exc})"
+        ) from None
+    want = (task.in_channels, task.image_size, task.image_size)
+    if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != want:
+        raise ConfigError(
+            f"--test-set {path}: 'images' must be uint8 of shape (N, {want[0]}, {want[1]}, "
+            f"{want[2]}) to match the run's task; got {images.dtype} {images.shape}"
+        )
+    labels = labels.reshape(-1)
+    if len(labels) != len(images) or labels.min() < 0 or labels.max() >= task.num_classes:
+        raise ConfigError(
+            f"--test-set {path}: 'labels' must hold {len(images)} class indices in "
+            f"[0, {task.num_classes - 1}]"
+        )
+
+
+def prepare_run_dir(
+    run: RunConfig,
+    run_dir: Path,
+    command: Sequence[str],
+    test_set: Path | None = None,
+    extra_run_config: dict[str, str | int | float | bool] | None = None,
+) -> Path:
+    """Write the run directory's metadata and the Flower app; return the app directory.
+
+    Parameters
+    ----------
+    run : RunConfig
+        The validated run (with ``task``).
+    run_dir : Path
+        Coordinator-local output directory (``docs/run-directory.md``); must not hold a run.
+    command : sequence of str
+        The command line, recorded in ``environment.json``.
+    test_set : Path, optional
+        A coordinator-held test split, copied to ``test_set.npz`` for server-side evaluation.
+    extra_run_config : dict, optional
+        More ``[tool.flwr.app.config]`` entries (benchmarks use simulated site files).
+
+    Raises
+    ------
+    ConfigError
+        If ``run_dir`` already holds a run.
+
+    """
+    run_dir = Path(run_dir).resolve()
+    if (run_dir / "metrics" / "rounds.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(json.loads(run.model_dump_json()), sort_keys=False)
+    )
+    assert run.task is not None
+    (run_dir / "task.json").write_text(run.task.model_dump_json(indent=2))
+    env = {
+        "mode": "deployment",
+        "versions": library_versions(),
+        "seed": run.seed,
+        "command": list(command),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (run_dir / "environment.json").write_text(json.dumps(env, indent=2))
+    if test_set is not None:
+        check_test_set(test_set, run)
+        shutil.copyfile(test_set, run_dir / "test_set.npz")
+    config: dict[str, str | int | float | bool] = {
+        RunConfigKey.CONFIG_JSON.value: run.model_dump_json(),
+        RunConfigKey.RUN_DIR.value: str(run_dir),
+        **(extra_run_config or {}),
+    }
+    app_dir = run_dir / "flower-app"
+    write_flower_app(app_dir, config)
+    return app_dir
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else "n/a"
+
+
+_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
+
+
+def readable_reason(reason: str) -> str:
+    """Turn Flower's ``<class 'pkg.Error'>:<'message'>`` into ``Error: message``."""
+    match = _FLOWER_REASON.match(str(reason).strip())
+    return f"{match.group(1)}: {match.group(2)}" if match else str(reason)
+
+
+def format_round(
+    record: dict[str, Any], total_rounds: int, site_names: dict[str, str] | None = None
+) -> list[str]:
+    """Human lines for one ``rounds.jsonl`` record: a summary plus one line per site failure.
+
+    ``site_names`` maps ``node-<id>`` labels (error replies carry no site name) to names.
+    """
+    rnd = record.get("round", "?")
+    sites = record.get("sites") or {}
+    parts = [f"[round {rnd}/{total_rounds}] "
+             + ("initial model" if rnd == 0 else f"{len(sites)} site(s) answered")]
+    train = record.get("train") or {}
+    if "train-loss" in train:
+        parts.append(f"train loss {_fmt(train['train-loss'])}")
+    fed = record.get("federated_eval") or {}
+    if "accuracy" in fed:
+        parts.append(f"site-val acc {_fmt(fed['accuracy'])}")
+    srv = record.get("server_eval") or {}
+    if srv:
+        parts.append(f"test acc {_fmt(srv.get('accuracy'))} AUC {_fmt(srv.get('auc'))}")
+    eps = [s.get("epsilon") for s in sites.values() if s.get("epsilon") is not None]
+    if eps:
+        parts.append(f"max eps {max(eps):.2f}")
+    parts.append(f"{_fmt(record.get('elapsed_s'), 1)}s")
+    lines = [" | ".join(parts)]
+    inc = record.get("incomplete")
+    if inc:
+        lines.append(f"    ! round incomplete: only {inc.get('answered')} of the required "
+                     f"{inc.get('required')} site(s) answered {inc.get('phase')}; "
+                     "the global model is kept")
+    names = site_names or {}
+    for err in record.get("errors") or []:
+        site = str(err.get("site"))
+        lines.append(f"    ! {names.get(site, site)} {err.get('phase')} failed: "
+                     f"{readable_reason(str(err.get('reason')))}")
+    return lines
+
+
+def follow_run(
+    operator: FlowerOperator,
+    run_id: int,
+    run_dir: Path,
+    total_rounds: int,
+    emit: Callable[[str], None] = print,
+    poll_s: float = 1.0,
+    status_every_s: float = 10.0,
+    timeout_s: float | None = None,
+    site_names: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Print each round as it lands in ``run_dir/metrics/rounds.jsonl`` until the run ends.
+
+    Returns
+    -------
+    dict
+        The SuperLink's final record of the run (``status``, ``network-traffic``, ...),
+        also written to ``run_dir/deployment.json``.
+
+    Raises
+    ------
+    RunTimeoutError
+        If the run is still going after ``timeout_s``.
+
+    """
+    jsonl = Path(run_dir) / "metrics" / "rounds.jsonl"
+    done_marker = Path(run_dir) / "federated_metrics.json"
+    seen = 0
+    start = time.monotonic()
+    last_status = start
+    info: dict[str, Any] = {}
+
+    def drain() -> None:
+        nonlocal seen
+        if not jsonl.is_file():
+            return
+        lines = jsonl.read_text().split("\n")[:-1]  # only complete lines
+        for line in lines[seen:]:
+            if line.strip():
+                for text in format_round(json.loads(line), total_rounds, site_names):
+                    emit(text)
+        seen = max(seen, len(lines))
+
+    while True:
+        drain()
+        now = time.monotonic()
+        due = min(status_every_s, 2.0) if done_marker.exists() else status_every_s
+        if not info or now - last_status >= due:
+            info = operator.run_info(run_id)
+            last_status = now
+            if str(info.get("status", "")).startswith("finished"):
+                drain()
+                break
+        if timeout_s is not None and now - start > timeout_s:
+            raise RunTimeoutError(f"run {run_id} still {info.get('status', 'running')} after "
+                             f"{timeout_s:.0f}s")
+        time.sleep(poll_s)
+    (Path(run_dir) / "deployment.json").write_text(
+        json.dumps({"run_id": run_id, **info}, indent=2)
+    )
+    return info
