@@ -104,6 +104,7 @@ __all__ = [
     "ValidationSplit",
     "check_policy",
     "default_approved_apps",
+    "installed_version",
     "load_deployed_site",
     "load_site_config",
     "register_loader",
@@ -137,7 +138,7 @@ class SitePolicyViolation(RuntimeError):  # noqa: N818 (named by the design brie
 
 
 def installed_version() -> str:
-    """Version of the installed Consilia package (what this site runs)."""
+    """Return the version of the installed Consilia package (what this site runs)."""
     try:
         return metadata.version("consilia")
     except metadata.PackageNotFoundError:  # pragma: no cover - source checkout without install
@@ -593,9 +594,12 @@ def load_deployed_site(path: Path, instr: RoundInstruction, run_id: int | str | 
         "site %s ready: %d training / %d validation images (classes %s)",
         config.name, len(train), 0 if val is None else len(val), ", ".join(task.class_names),
     )
-    return SiteRuntime(
-        name=config.name, trainer=trainer, check_policy=lambda i: check_policy(config.policy, i)
-    )
+
+    def current_policy(round_instr: RoundInstruction) -> None:
+        # Re-read the file: a hospital tightening its policy takes effect at the next round.
+        check_policy(load_site_config(path).policy, round_instr)
+
+    return SiteRuntime(name=config.name, trainer=trainer, check_policy=current_policy)
 
 
 def _capped_trainer(config: SiteConfig, train, val, privacy_factory):

@@ -18,7 +18,7 @@ from consilia.client.trainer import ImageData, SiteTrainer
 from consilia.common.constants import NodeConfigKey, RunConfigKey
 from consilia.common.instructions import RoundInstruction
 
-__all__ = ["SiteRuntime", "resolve_site", "register_deployed_site_loader"]
+__all__ = ["SiteRuntime", "forget_runs", "register_deployed_site_loader", "resolve_site"]
 
 
 @dataclass
@@ -36,12 +36,20 @@ class SiteRuntime:
 
 
 _CACHE: dict[tuple, SiteRuntime] = {}
-_DEPLOYED_LOADER: list[Callable[[Path, RoundInstruction], SiteRuntime]] = []
+_DEPLOYED_LOADER: list[Callable[[Path, RoundInstruction, int], SiteRuntime]] = []
 
 
-def register_deployed_site_loader(loader: Callable[[Path, RoundInstruction], SiteRuntime]) -> None:
-    """Install the loader used when ``node_config`` carries a ``site-config`` path."""
+def register_deployed_site_loader(
+    loader: Callable[[Path, RoundInstruction, int], SiteRuntime],
+) -> None:
+    """Install the loader ``f(site_yaml, instruction, run_id)`` used in deployment."""
     _DEPLOYED_LOADER[:] = [loader]
+
+
+def forget_runs(keep: set[int]) -> None:
+    """Drop cached sites of every run not in ``keep`` (long-lived site processes)."""
+    for key in [k for k in _CACHE if k[-1] not in keep]:
+        del _CACHE[key]
 
 
 def _simulated_site(sites_dir: Path, partition_id: int, threads: int | None) -> SiteRuntime:
@@ -67,8 +75,10 @@ def resolve_site(
         key: tuple = ("deployed", str(path), instr.task.model_dump_json(), run_id)
         if key not in _CACHE:
             if not _DEPLOYED_LOADER:
-                from consilia.client import site_config  # noqa: F401  (registers the loader)
-            _CACHE[key] = _DEPLOYED_LOADER[0](path, instr)
+                from consilia.client.site_config import register_loader
+
+                register_loader()
+            _CACHE[key] = _DEPLOYED_LOADER[0](path, instr, run_id)
         return _CACHE[key]
     sites_dir = run_config.get(RunConfigKey.SIM_SITES_DIR.value)
     if not sites_dir:

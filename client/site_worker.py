@@ -98,7 +98,8 @@ def setup_site_logging(config: SiteConfig, verbose: bool = False) -> None:
 
 
 def _refusal_text(site: str, exc: BaseException) -> str:
-    return f"site '{site}' refused the task: {getattr(exc, 'reason', None) or exc}"
+    reason = str(getattr(exc, "reason", None) or exc)
+    return reason if reason.startswith(f"site '{site}'") else f"site '{site}' refused: {reason}"
 
 
 def _failure_text(site: str, exc: BaseException) -> str:
@@ -313,10 +314,7 @@ class SiteWorker:
         self._runs_seen = [*self._runs_seen[-1:], run_id]
         from consilia.client import site_runtime
 
-        cache = getattr(site_runtime, "_CACHE", None)  # see the report: wants a public API
-        if isinstance(cache, dict):
-            for key in [k for k in cache if k and k[-1] not in self._runs_seen]:
-                del cache[key]
+        site_runtime.forget_runs(set(self._runs_seen))
 
     def _log_outcome(self, outcome: TaskOutcome) -> None:
         where = f"run {outcome.run_id} round {outcome.server_round or '?'} {outcome.message_type}"

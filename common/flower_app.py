@@ -8,19 +8,34 @@ carries the run configuration.
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 
 import tomli_w
 
-__all__ = ["APP_PUBLISHER", "CLIENTAPP_REF", "SERVERAPP_REF", "write_flower_app"]
+__all__ = [
+    "APP_PUBLISHER",
+    "CLIENTAPP_REF",
+    "SERVERAPP_REF",
+    "consilia_version",
+    "write_flower_app",
+]
 
 APP_PUBLISHER = "consilia"
 SERVERAPP_REF = "consilia.server.app:app"
 CLIENTAPP_REF = "consilia.client.app:app"
 
 
+def consilia_version() -> str:
+    """Return the installed Consilia version (sites approve app bundles by version)."""
+    try:
+        return metadata.version("consilia")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0.1.0"
+
+
 def write_flower_app(
-    app_dir: Path, run_config: dict[str, str | int | float | bool], version: str = "0.1.0"
+    app_dir: Path, run_config: dict[str, str | int | float | bool], version: str | None = None
 ) -> Path:
     """Write ``app_dir/pyproject.toml`` for a Flower run.
 
@@ -31,8 +46,8 @@ def write_flower_app(
     run_config : dict
         Flat run configuration (Flower ``run_config``); every key becomes a default of
         ``[tool.flwr.app.config]`` so ``flwr run --run-config`` may override it.
-    version : str
-        App version (sites may pin approved versions).
+    version : str, optional
+        App version (sites approve bundles by version); default: the installed Consilia.
 
     Returns
     -------
@@ -45,7 +60,7 @@ def write_flower_app(
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {
             "name": "consilia-run",
-            "version": version,
+            "version": version or consilia_version(),
             "description": "Consilia federated run (code is the Consilia package installed "
             "at each participant)",
             "license": "Apache-2.0",

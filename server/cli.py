@@ -77,9 +77,16 @@ def _cmd_start(args: argparse.Namespace) -> int:
                           "--insecure exists for isolated tests only")
     certs = None if args.insecure else CoordinatorCerts.from_dir(args.certs)
     settings = SuperLinkSettings(state_dir=Path(args.state_dir).resolve(), certs=certs,
-                                 host=args.host, port=args.port, insecure=args.insecure)
+                                 host=args.host, port=args.port, insecure=args.insecure,
+                                 memory_state=args.memory_state)
     write_connection(_flwr_home(settings.state_dir),
                      Connection(settings.local_address, certs.ca if certs else None))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the SuperLink listens on {args.host}: its control API (register "
+              "sites, submit runs) is unauthenticated in open-source Flower. Keep the port "
+              "off the internet and let sites in through the reverse proxy "
+              "(fl-server proxy-config), or firewall it to the proxy's address.",
+              file=sys.stderr, flush=True)
     proc = start_superlink(settings, foreground=args.foreground)
 
     def _terminate(signum: int, _frame: object) -> None:
@@ -260,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9093, help="listen port (default 9093)")
     p.add_argument("--insecure", action="store_true",
                    help="NO TLS and NO site authentication (isolated tests only)")
+    p.add_argument("--memory-state", action="store_true",
+                   help="keep the SuperLink's state in memory instead of SQLite (faster with "
+                        "large models; sites must be registered again after a restart)")
     p.add_argument("--foreground", action="store_true",
                    help="print the SuperLink's log here instead of <state>/superlink.log")
     p.add_argument("--ready-timeout", type=float, default=60.0, help=argparse.SUPPRESS)

@@ -173,13 +173,22 @@ class RunRecorder:
     # -- end of run -----------------------------------------------------------------
     def finish(self, final_arrays: ArrayRecord | None) -> dict[str, Any]:
         """Write the final model, predictions, metrics and plots; return final metrics."""
-        if final_arrays is not None:
+        reuse = self.last_eval is not None and final_arrays is None
+        if final_arrays is not None and len(final_arrays) > 0:  # empty: no round aggregated
+            before = [t.clone() for t in self.model.state_dict().values()]
             load_arrays_into_model(self.model, final_arrays)
+            after = list(self.model.state_dict().values())
+            # the strategy's final arrays are the ones evaluated after the last round
+            reuse = self.last_eval is not None and all(
+                a.shape == b.shape and bool((a == b).all()) for a, b in zip(before, after, strict=True)
+            )
         save_checkpoint(self.run_dir / "global_model.pt", self.model, self.run,
                         self.rounds[-1]["round"] if self.rounds else 0)
         final: dict[str, Any] = {}
         if self.test_data is not None and len(self.test_data):
-            res = evaluate_on(self.model, self.test_data, self.run.train, self.run.task)
+            res = self.last_eval if reuse else evaluate_on(
+                self.model, self.test_data, self.run.train, self.run.task
+            )
             metrics = compute_metrics(res.y_true, res.y_prob, self.run.task.class_names)
             final["federated"] = metrics.to_dict()
             (self.run_dir / "predictions").mkdir(exist_ok=True)

@@ -95,6 +95,9 @@ class SuperLinkSettings:
         No TLS, no node authentication (tests on an isolated network only).
     isolation : str
         ``subprocess``: the SuperLink spawns the ServerApp process itself.
+    memory_state : bool
+        Keep the SuperLink's state (site keys, runs, messages, model objects) in memory
+        instead of SQLite: faster, but lost on restart.
     extra_env : dict
         Environment added to the SuperLink's (e.g. ``OMP_NUM_THREADS``).
 
@@ -106,6 +109,7 @@ class SuperLinkSettings:
     port: int = 9093
     insecure: bool = False
     isolation: str = "subprocess"
+    memory_state: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -116,9 +120,14 @@ class SuperLinkSettings:
             )
 
     @property
-    def database(self) -> Path:
-        """The SuperLink's SQLite state (registered site keys and runs survive restarts)."""
-        return Path(self.state_dir) / "superlink.db"
+    def database(self) -> str:
+        """The SuperLink's state: SQLite in the state dir (site keys and runs survive
+        restarts), or Flower's in-memory state with ``memory_state`` (faster for large
+        models, but every site must be registered again after a restart).
+        """
+        if self.memory_state:
+            return ":flwr-in-memory:"
+        return str(Path(self.state_dir) / "superlink.db")
 
     @property
     def log_file(self) -> Path:
@@ -149,7 +158,7 @@ def superlink_command(settings: SuperLinkSettings) -> list[str]:
         executable("flower-superlink"),
         "--host", settings.host,
         "--port", str(settings.port),
-        "--database", str(settings.database),
+        "--database", settings.database,
         "--isolation", settings.isolation,
         "--disable-runtime-dependency-installation",
     ]

@@ -27,6 +27,13 @@ class RayAddressError(ValueError):
     """The ``--ray-address`` cannot be reached (Ray would otherwise retry forever)."""
 
 
+class _BelowWarning(logging.Filter):
+    """Drop Flower's INFO chatter; Consilia prints its own per-round progress line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
 def validate_ray_address(address: str, timeout_s: float = 5.0) -> None:
     """Check that ``host:port`` of an existing Ray cluster accepts TCP connections."""
     import socket
@@ -104,9 +111,9 @@ def run_flower_simulation(
         run_config=dict(run_config),
     )
     flwr_logger = logging.getLogger("flwr")
-    previous = flwr_logger.level
+    quiet = _BelowWarning()
     if not verbose:
-        flwr_logger.setLevel(logging.WARNING)
+        flwr_logger.addFilter(quiet)
     try:
         _run_simulation(
             num_supernodes=num_sites,
@@ -122,4 +129,4 @@ def run_flower_simulation(
             verbose_logging=verbose,
         )
     finally:
-        flwr_logger.setLevel(previous)
+        flwr_logger.removeFilter(quiet)

@@ -164,13 +164,13 @@ class LocalFederation:
                                f"{res.stdout}\n{res.stderr}")
         return res
 
-    def start_coordinator(self, timeout_s: float = 90) -> None:
-        """``fl-server start --certs`` on a free loopback port; wait until it answers."""
+    def start_coordinator(self, *extra_args: str, timeout_s: float = 90) -> None:
+        """``fl-server start --certs [EXTRA_ARGS]`` on a free loopback port; wait for it."""
         log = (self.root / "fl-server-start.log").open("w")
         self.coordinator = subprocess.Popen(
             [sys.executable, "-m", "consilia.server.cli", "--state-dir", str(self.state_dir),
              "start", "--certs", str(self.certs), "--host", "127.0.0.1",
-             "--port", str(self.port)],
+             "--port", str(self.port), *extra_args],
             stdout=log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True)
         log.close()
         wait_for(lambda: self.coordinator.poll() is not None

@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--modes", nargs="*", type=int, help="indices into MODES (default: all)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="consilia-bench-"))
     certs = kit.make_certs(work / "coordinator")
@@ -107,7 +108,10 @@ def main() -> None:
     link.register(site_dir / "keys" / "site.key.pub", "hospital-a")
     results = []
     try:
-        for name, (isolation, poll) in MODES.items():
+        chosen = list(MODES.items())
+        if args.modes:
+            chosen = [chosen[i] for i in args.modes]
+        for name, (isolation, poll) in chosen:
             print(f"== {name}", flush=True)
             res = run_mode(link, site_dir, work, name, isolation, poll, args.rounds)
             print(json.dumps(res), flush=True)

@@ -136,8 +136,8 @@ def test_real_site_serves_approved_and_refuses_unapproved_bundles(tmp_path):
     # What the coordinator received (its ServerApp's view of each reply):
     assert replies["approved"][0]["metrics"]["num-examples"] == 10
     refused = replies["unapproved"][0]["error"]
-    assert "site 'hospital-a' refused the task: site 'hospital-a' has not approved the app " \
-           "bundle consilia/consilia-run==9.9.9 (sha256:" in refused
+    assert refused.startswith("site 'hospital-a' has not approved the app bundle "
+                              "consilia/consilia-run==9.9.9 (sha256:")
     foreign = replies["foreign"][0]["error"]
     assert "runs only its installed ClientApp 'consilia.client.app:app'" in foreign
     assert "asks for 'evil_client:app'" in foreign
@@ -148,3 +148,19 @@ def test_real_site_serves_approved_and_refuses_unapproved_bundles(tmp_path):
               (site.parent / "state" / "logs" / "rounds.jsonl").read_text().splitlines()]
     assert sorted(r["status"] for r in rounds) == ["ok", "refused", "refused"]
     assert "took part in run" in log and "refused run" in log
+
+
+def test_worker_refusal_text_names_the_site_once():
+    from consilia.client.site_config import SitePolicyViolation
+    from consilia.client.site_worker import _failure_text, _is_refusal, _refusal_text
+
+    policy = SitePolicyViolation("model 'vit' is not allowed by this site's policy (allowed: cnn)")
+    assert _refusal_text("hospital-a", policy) == (
+        "site 'hospital-a' refused: model 'vit' is not allowed by this site's policy (allowed: cnn)"
+    )
+    bundle = AppNotApproved("site 'hospital-a' has not approved the app bundle x==1 (sha256:0)")
+    assert _refusal_text("hospital-a", bundle) == bundle.reason
+    assert _is_refusal(policy) and _is_refusal(bundle) and not _is_refusal(ValueError("x"))
+    assert _failure_text("hospital-a", ValueError("bad")) == (
+        "site 'hospital-a' failed the task: ValueError: bad"
+    )

@@ -267,3 +267,29 @@ def test_supernode_poll_cap_only_touches_flowers_loop(monkeypatch):
     assert time.monotonic() - start < 1
     assert loop.time.time() == pytest.approx(time.time(), abs=1)
     assert time.sleep is not loop.time.sleep  # the real module is untouched
+
+
+def test_supervisor_restarts_a_child_that_exits_with_back_off(tmp_path, caplog):
+    import sys
+
+    from consilia.client.supervisor import _Child
+
+    path = write_site(tmp_path / "site")
+    sup = SiteSupervisor(load_site_config(path), path)
+    child = _Child("clientapp", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ),
+                   backoff=Backoff(max_s=60))
+    caplog.set_level(logging.INFO, logger="consilia")
+    logging.getLogger("consilia").propagate = True
+    sup._tend(child, time.monotonic())  # first start
+    assert child.process is not None
+    child.process.wait(timeout=30)
+    sup._tend(child, time.monotonic())  # notices the exit, schedules a restart in 1 s
+    assert child.process is None
+    assert any("exited with code 3; restarting in 1 s" in r.getMessage() for r in caplog.records)
+    sup._tend(child, time.monotonic())  # too early: not restarted yet
+    assert child.process is None
+    sup._tend(child, time.monotonic() + 1.1)
+    assert child.process is not None
+    child.process.wait(timeout=30)
+    sup._tend(child, time.monotonic())
+    assert any("restarting in 2 s" in r.getMessage() for r in caplog.records)

@@ -435,3 +435,36 @@ def test_round_with_fewer_than_min_sites_keeps_the_global_model():
     assert strategy.aggregate_train(4, replies) == (None, None)
     assert ("incomplete", 4, "train", 1, 2) in recorder.calls
     assert ("replies", 4, "train", 3) in recorder.calls
+
+
+def test_fast_poll_grid_returns_replies_without_flowers_3s_steps():
+    import time as _time
+
+    from consilia.server.fast_grid import FastPollGrid
+
+    class _Grid:
+        run = "delegated"
+
+        def __init__(self):
+            self.polls = 0
+
+        def push_messages(self, messages):
+            return [f"id-{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            self.polls += 1
+            if self.polls < 4:
+                return []
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+                    for i in sorted(ids)]
+
+    inner = _Grid()
+    grid = FastPollGrid(inner)
+    start = _time.perf_counter()
+    replies = list(grid.send_and_receive(["a", "b"], timeout=30))
+    assert len(replies) == 2 and _time.perf_counter() - start < 1.0
+    assert grid.run == "delegated"  # everything else goes to Flower's grid
+    inner.polls = -10**9  # never answers: the timeout ends the wait
+    start = _time.perf_counter()
+    assert list(grid.send_and_receive(["a"], timeout=0.3)) == []
+    assert 0.25 < _time.perf_counter() - start < 1.0

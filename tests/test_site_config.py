@@ -230,6 +230,10 @@ def test_deployed_site_loads_splits_caps_and_trains(site_yaml):
     assert trainer.evaluate(state, instr)["num-examples"] == 2
     with pytest.raises(SitePolicyViolation):
         site.enforce_policy(_instr(rounds=1000))
+    site.enforce_policy(instr)
+    _edit(site_yaml, policy={"allowed_models": ["densenet121"]})  # tightened mid-run
+    with pytest.raises(SitePolicyViolation, match="model 'cnn' is not allowed"):
+        site.enforce_policy(instr)
 
 
 def test_site_enforces_its_own_dp_and_accounts_it_in_the_ledger(site_yaml):

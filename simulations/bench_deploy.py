@@ -1,0 +1,242 @@
+"""Benchmark: what the real deployment adds to a round, and what a site sends per round.
+
+Runs the same federation (3 sites, the same MedNIST images and splits, the same model and
+rounds) four ways and compares the time per round (rounds 2..R; round 1 holds start-up):
+
+1. Flower's simulation engine (``fl-sim``'s path, Ray, in one process);
+2. the deployment as shipped: ``fl-server`` (TLS + site keys) and three ``fl-client`` sites
+   on 127.0.0.1 with the site's long-lived ClientApp process;
+3. the same with the coordinator's :class:`~consilia.server.fast_grid.FastPollGrid`;
+4. the deployment with Flower's defaults: a fresh ``flwr-clientapp`` process per task and the
+   SuperNode's 3 s idle poll.
+
+It also reports the bytes each site sent and received per round (the SuperLink's traffic
+counters) against the model's size. Usage::
+
+    python -m consilia.simulations.bench_deploy [--per-site 400] [--rounds 4] [--out b.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+import yaml
+
+from consilia.common.config import RunConfig, SimulationConfig
+from consilia.common.paths import repo_shared_data_dir
+from consilia.simulations.local_federation import LocalFederation, mednist_sites
+
+__all__ = ["main", "per_round_seconds", "report", "run_benchmark"]
+
+SITES = ["site-00", "site-01", "site-02"]
+MODES = {
+    "deploy: long-lived site process": {"isolation": "process", "poll": 1.0, "fast": False},
+    "deploy: long-lived + fast coordinator poll": {"isolation": "process", "poll": 1.0,
+                                                   "fast": True},
+    "deploy: Flower defaults (process per task)": {"isolation": "subprocess", "poll": 3.0,
+                                                   "fast": False},
+}
+
+
+def per_round_seconds(run_dir: Path) -> list[float]:
+    """Seconds of each round 1..R from ``metrics/rounds.jsonl`` (differences of elapsed_s)."""
+    path = Path(run_dir) / "metrics" / "rounds.jsonl"
+    elapsed = [json.loads(x)["elapsed_s"] for x in path.read_text().splitlines() if x.strip()]
+    return [b - a for a, b in zip(elapsed[:-1], elapsed[1:], strict=True)]
+
+
+def _run_config(classes: list[str], rounds: int, epochs: int, model: str) -> RunConfig:
+    return RunConfig.model_validate({
+        "name": "bench", "seed": 0,
+        "task": {"class_names": classes, "in_channels": 1, "image_size": 64},
+        "model": {"name": model, "kwargs": {"width": 16} if model == "cnn" else {}},
+        "train": {"local_epochs": epochs, "batch_size": 32, "lr": 0.002, "num_threads": 1},
+        "strategy": {"name": "fedprox", "rounds": rounds, "min_train_sites": 3,
+                     "min_evaluate_sites": 3, "min_available_sites": 3,
+                     "round_timeout_s": 900},
+    })
+
+
+def _model_bytes(run: RunConfig) -> int:
+    from consilia.common.serde import arrays_from_model, model_from_run_config
+
+    arrays = arrays_from_model(model_from_run_config(run))
+    return int(sum(np.asarray(a.numpy()).nbytes for a in arrays.values()))
+
+
+def _prepare_sites(work: Path, per_site: int, data_root: Path):
+    """Export each site's DICOM folder and the simulation's site files with the same split."""
+    from consilia.client.site_config import stratified_split
+    from consilia.common.datasets.base import ImageSplit
+    from consilia.common.datasets.sitefile import save_site_npz
+    from consilia.simulations.export_sites import export_site_dicoms
+
+    classes, sites, _ = mednist_sites(data_root, len(SITES), per_site, test_size=0, seed=0)
+    folders = []
+    for i, (name, (images, labels)) in enumerate(zip(SITES, sites, strict=True)):
+        folders.append(export_site_dicoms(images, labels, classes, work / "dicom", name,
+                                          seed=1))
+        tr, va = stratified_split(labels, 0.2, 0)  # what the deployed site does
+        save_site_npz(work / "sim-sites" / f"site-{i:02d}.npz", ImageSplit(images[tr], labels[tr]),
+                      ImageSplit(images[va], labels[va]), classes)
+    return classes, folders
+
+
+def _simulate(run: RunConfig, work: Path) -> dict[str, Any]:
+    from consilia.simulations.flower_sim import run_flower_simulation
+
+    run_dir = work / "runs" / "simulation"
+    run_dir.mkdir(parents=True)
+    start = time.perf_counter()
+    run_flower_simulation(run, run_dir, work / "sim-sites", len(SITES),
+                          SimulationConfig(cpus_per_client=1, threads_per_client=1))
+    return {"wall_s": time.perf_counter() - start, "round_s": per_round_seconds(run_dir)}
+
+
+def _deploy(fed: LocalFederation, run_yaml: Path, folders: list[Path], name: str,
+            mode: dict[str, Any]) -> dict[str, Any]:
+    for site, folder in zip(SITES, folders, strict=True):
+        fed.write_site_config(site, folder, policy={"allowed_models": [mode["model"]]},
+                              runtime={"isolation": mode["isolation"],
+                                       "superlink_poll_interval_s": mode["poll"]},
+                              resources={"threads": 1})
+        fed.start_site(site)
+    fed.wait_online(SITES, timeout_s=300)
+    run_dir = fed.root / "runs" / name.split(":")[1].strip().replace(" ", "-")
+    args = ["run", str(run_yaml), "--out", str(run_dir), "--detach"]
+    if mode["fast"]:  # submit an app whose ServerApp is the FastPollGrid variant
+        from consilia.server.run_launcher import load_run_config, prepare_run_dir
+
+        app_dir = prepare_run_dir(load_run_config(run_yaml), run_dir, ["bench"])
+        pyproject = app_dir / "pyproject.toml"
+        data = tomllib.loads(pyproject.read_text())
+        data["tool"]["flwr"]["app"]["components"]["serverapp"] = "consilia.server.fast_grid:app"
+        pyproject.write_text(tomli_w.dumps(data))
+        run_id = _submit_app(fed, app_dir)
+    else:
+        out = fed.fl_server(*args).stdout
+        run_id = int(out.split()[1])
+    start = time.perf_counter()
+    info = _wait_finished(fed, run_id)
+    wall = time.perf_counter() - start
+    for site in SITES:
+        fed.kill_site(site, 15)
+    return {"wall_s": wall, "round_s": per_round_seconds(run_dir), "status": info["status"],
+            "traffic": info.get("network-traffic", {})}
+
+
+def _submit_app(fed: LocalFederation, app_dir: Path) -> int:
+    from consilia.server.operator import FlowerOperator
+
+    return FlowerOperator(fed.state_dir / "flwr").start_run(app_dir)
+
+
+def _wait_finished(fed: LocalFederation, run_id: int, timeout_s: float = 3600) -> dict:
+    from consilia.server.operator import FlowerOperator
+
+    op = FlowerOperator(fed.state_dir / "flwr")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = op.run_info(run_id)
+        if str(info.get("status", "")).startswith("finished"):
+            return info
+        time.sleep(2.0)
+    raise TimeoutError(f"run {run_id} did not finish in {timeout_s:.0f}s")
+
+
+def run_benchmark(per_site: int, rounds: int, epochs: int, work: Path,
+                  modes: list[str], model: str = "cnn") -> dict[str, Any]:
+    """Run the simulation and the deployment modes; return every measurement."""
+    data_root = Path(os.environ.get("CONSILIA_DATA_ROOT") or repo_shared_data_dir())
+    classes, folders = _prepare_sites(work, per_site, data_root)
+    run = _run_config(classes, rounds, epochs, model)
+    run_yaml = work / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(json.loads(run.model_dump_json())))
+    results: dict[str, Any] = {
+        "per_site_images": per_site, "rounds": rounds, "local_epochs": epochs, "model": model,
+        "model_bytes": _model_bytes(run), "cpu_count": os.cpu_count(), "modes": {},
+    }
+    fed = LocalFederation(work / "federation", SITES, env={"OMP_NUM_THREADS": "1"})
+    fed.generate_certs()
+    try:
+        fed.start_coordinator()
+        fed.register_sites()
+        for name in modes:
+            print(f"-- {name}", flush=True)
+            results["modes"][name] = _deploy(fed, run_yaml, folders, name,
+                                             {**MODES[name], "model": model})
+            print(json.dumps(results["modes"][name]), flush=True)
+    finally:
+        fed.stop()
+    print("-- simulation (Ray)", flush=True)
+    results["modes"]["simulation (Ray)"] = _simulate(run, work)
+    print(json.dumps(results["modes"]["simulation (Ray)"]), flush=True)
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    """Return the comparison table: time per round vs simulation, bytes per site per round."""
+    sim = statistics.mean(results["modes"]["simulation (Ray)"]["round_s"][1:])
+    lines = [f"{results['per_site_images']} images/site, 3 sites, {results['rounds']} rounds, "
+             f"{results['local_epochs']} local epoch(s), {results['model']} 64 px; "
+             f"{results['cpu_count']} CPU core(s). Rounds 2..R (round 1 = start-up).", "",
+             f"{'mode':<46}{'s/round':>9}{'vs sim':>9}{'round 1 s':>11}"]
+    for name, res in results["modes"].items():
+        later = statistics.mean(res["round_s"][1:])
+        lines.append(f"{name:<46}{later:>9.2f}{(later / sim - 1) * 100:>+8.1f}%"
+                     f"{res['round_s'][0]:>11.2f}")
+    model = results["model_bytes"]
+    lines += ["", f"model: {model / 1e6:.3f} MB (float32 parameters)"]
+    for name, res in results["modes"].items():
+        traffic = res.get("traffic")
+        if not traffic:
+            continue
+        per = len(SITES) * results["rounds"]
+        down = traffic.get("outbound-bytes", 0) / per
+        up = traffic.get("inbound-bytes", 0) / per
+        lines.append(f"{name:<46} per site per round: received {down / 1e6:.3f} MB "
+                     f"({down / model:.2f}x model), sent {up / 1e6:.3f} MB ({up / model:.2f}x)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the table (and write JSON with ``--out``)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-site", type=int, default=400, help="images per site")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--model", default="cnn", help="registered model (e.g. resnet18)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated deployment modes (default: all)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the working folder")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="consilia-bench-deploy-"))
+    try:
+        results = run_benchmark(args.per_site, args.rounds, args.epochs, work,
+                                [m.strip() for m in args.modes.split(",") if m.strip()],
+                                args.model)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    text = report(results)
+    print("\n" + text)
+    if args.out:
+        args.out.write_text(json.dumps({**results, "table": text}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
