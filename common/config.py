@@ -286,6 +286,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override '{item}': expected section.field=value")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         node = result
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -180,7 +180,8 @@ class RunRecorder:
             after = list(self.model.state_dict().values())
             # the strategy's final arrays are the ones evaluated after the last round
             reuse = self.last_eval is not None and all(
-                a.shape == b.shape and bool((a == b).all()) for a, b in zip(before, after, strict=True)
+                a.shape == b.shape and bool((a == b).all())
+                for a, b in zip(before, after, strict=True)
             )
         save_checkpoint(self.run_dir / "global_model.pt", self.model, self.run,
                         self.rounds[-1]["round"] if self.rounds else 0)

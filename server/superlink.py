@@ -121,9 +121,10 @@ class SuperLinkSettings:
 
     @property
     def database(self) -> str:
-        """The SuperLink's state: SQLite in the state dir (site keys and runs survive
-        restarts), or Flower's in-memory state with ``memory_state`` (faster for large
-        models, but every site must be registered again after a restart).
+        """Return the SuperLink's ``--database``: SQLite in the state dir, or in memory.
+
+        SQLite keeps site keys and runs across restarts; ``memory_state`` is faster with large
+        models, but every site must be registered again after a restart.
         """
         if self.memory_state:
             return ":flwr-in-memory:"

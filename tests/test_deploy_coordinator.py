@@ -93,6 +93,9 @@ def test_superlink_command_has_tls_node_auth_and_no_runtime_installs(certs, tmp_
                        ("--ssl-keyfile", "coordinator.key")):
         assert Path(cmd[cmd.index(flag) + 1]).name == name
     assert cmd[cmd.index("--database") + 1] == str(tmp_path / "superlink.db")
+    memory = SuperLinkSettings(state_dir=tmp_path, certs=settings.certs, memory_state=True)
+    assert superlink_command(memory)[superlink_command(memory).index("--database") + 1] == (
+        ":flwr-in-memory:")
     assert settings.local_address == "127.0.0.1:9999"
 
 
