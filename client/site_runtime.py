@@ -52,7 +52,21 @@ def forget_runs(keep: set[int]) -> None:
         del _CACHE[key]
 
 
-def _simulated_site(sites_dir: Path, partition_id: int, threads: int | None) -> SiteRuntime:
+def _simulated_site(
+    sites_dir: Path,
+    partition_id: int,
+    threads: int | None,
+    run_dir: Path | None = None,
+    run_id: int | str = 0,
+) -> SiteRuntime:
+    """Load simulated site ``site-XX.npz`` number ``partition_id`` (sorted order).
+
+    Local DP, when a round asks for it, is accounted in
+    ``<run_dir>/site-state/site-XX/privacy-ledger.json`` with the run's target epsilon as the
+    site's budget (:mod:`consilia.client.sim_privacy`; opacus is imported only then).
+    """
+    from consilia.client.sim_privacy import simulated_privacy_factory
+
     files = sorted(sites_dir.glob("site-*.npz"))
     if partition_id >= len(files):
         raise ValueError(
@@ -62,7 +76,9 @@ def _simulated_site(sites_dir: Path, partition_id: int, threads: int | None) -> 
         train = ImageData(z["train_images"], z["train_labels"].astype(np.int64))
         val = ImageData(z["val_images"], z["val_labels"].astype(np.int64))
     name = files[partition_id].stem
-    trainer = SiteTrainer(name, train, val, site_index=partition_id, threads=threads)
+    privacy_factory = simulated_privacy_factory(run_dir, name, partition_id, run_id)
+    trainer = SiteTrainer(name, train, val, site_index=partition_id, threads=threads,
+                          privacy_factory=privacy_factory)
     return SiteRuntime(name=name, trainer=trainer)
 
 
@@ -91,5 +107,7 @@ def resolve_site(
     key = ("sim", str(sites_dir), pid, run_id)
     if key not in _CACHE:
         _CACHE.clear()  # one run at a time per simulation worker
-        _CACHE[key] = _simulated_site(Path(str(sites_dir)), pid, threads)
+        run_dir = run_config.get(RunConfigKey.RUN_DIR.value)
+        _CACHE[key] = _simulated_site(Path(str(sites_dir)), pid, threads,
+                                      Path(str(run_dir)) if run_dir else None, run_id)
     return _CACHE[key]

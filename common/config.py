@@ -114,6 +114,10 @@ class PartitionConfig(StrictModel):
     min_samples_per_site: int = Field(10, ge=1)
     site_val_fraction: float = Field(0.2, ge=0, lt=1, description="each site's held-out split")
     feature_skew: FeatureSkewConfig = FeatureSkewConfig()
+    holdout_site: int | None = Field(
+        None, ge=0, description="leave-one-site-out: this site never trains and is evaluated "
+        "at the end (external validation); the federation runs with num_sites - 1 sites"
+    )
 
 
 class ModelConfig(StrictModel):
@@ -210,6 +214,9 @@ class RunConfig(StrictModel):
     strategy: StrategyConfig = StrategyConfig()
     dp: DPConfig = DPConfig()
     task: TaskSpec | None = None
+    tracking: Literal["none", "tensorboard", "mlflow"] = Field(
+        "none", description="also log per-round metrics to TensorBoard or MLflow (optional extras)"
+    )
 
 
 class ExperimentConfig(RunConfig):
@@ -225,12 +232,21 @@ class ExperimentConfig(RunConfig):
     @model_validator(mode="after")
     def _sites_vs_minimums(self) -> ExperimentConfig:
         n = self.partition.num_sites
+        holdout = self.partition.holdout_site
+        if holdout is not None:
+            if holdout >= n:
+                raise ValueError(
+                    f"partition.holdout_site={holdout} does not exist: sites are 0..{n - 1}"
+                )
+            n -= 1  # the held-out site never trains
         s = self.strategy
         for field in ("min_train_sites", "min_evaluate_sites", "min_available_sites"):
             if getattr(s, field) > n:
                 raise ValueError(
-                    f"strategy.{field}={getattr(s, field)} exceeds partition.num_sites={n}; "
-                    f"lower it or add sites"
+                    f"strategy.{field}={getattr(s, field)} exceeds partition.num_sites="
+                    f"{self.partition.num_sites}"
+                    + (" less the holdout_site" if holdout is not None else "")
+                    + "; lower it or add sites"
                 )
         return self
 

@@ -57,8 +57,8 @@ def test_minimum_sites_cannot_exceed_federation_size():
 
 
 def test_overrides_parse_yaml_scalars_and_create_sections():
-    data = apply_overrides({"train": {"lr": 0.1}}, ["train.lr=1e-3", "partition.feature_skew.enabled=true",
-                                                      "model.kwargs={width: 8}"])
+    overrides = ["train.lr=1e-3", "partition.feature_skew.enabled=true", "model.kwargs={width: 8}"]
+    data = apply_overrides({"train": {"lr": 0.1}}, overrides)
     assert data["train"]["lr"] == 1e-3
     assert data["partition"]["feature_skew"]["enabled"] is True
     assert data["model"]["kwargs"] == {"width": 8}

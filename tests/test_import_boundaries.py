@@ -20,7 +20,9 @@ def _imports(folder: str) -> list[tuple[str, str]]:
     return found
 
 
-@pytest.mark.parametrize("forbidden", ["consilia.server", "consilia.client", "consilia.simulations"])
+@pytest.mark.parametrize(
+    "forbidden", ["consilia.server", "consilia.client", "consilia.simulations"]
+)
 def test_common_is_independent(forbidden):
     bad = [(f, m) for f, m in _imports("common") if m.startswith(forbidden)]
     assert not bad, f"common must not import {forbidden}: {bad}"

@@ -1,0 +1,203 @@
+"""Optional experiment tracking: per-round scalars to TensorBoard or MLflow.
+
+Both are optional extras (``pip install tensorboard`` / ``pip install mlflow``); nothing here
+imports them until a tracker is asked for. The run recorder (simulation and deployment alike)
+calls :meth:`Tracker.log_round` once per round with the flattened round record
+(``server_eval.auc``, ``sites.site-00.train-loss``, ...); non-numeric values are skipped.
+
+* ``tensorboard``: event files under ``RUN_DIR/tensorboard`` (``tensorboard --logdir RUN_DIR``),
+  written with :class:`torch.utils.tensorboard.SummaryWriter`; tags use ``/`` instead of dots.
+* ``mlflow``: one MLflow run named after the Consilia run, the flattened configuration as
+  parameters and every scalar as a metric with ``step=round``. The tracking URI is
+  ``$MLFLOW_TRACKING_URI`` when set, else a file store at ``RUN_DIR/mlruns``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = [
+    "TRACKERS",
+    "MLflowTracker",
+    "TensorBoardTracker",
+    "Tracker",
+    "TrackingUnavailableError",
+    "create_tracker",
+    "scalars",
+]
+
+logger = logging.getLogger("consilia")
+
+#: Accepted values of ``RunConfig.tracking`` and the package each one needs.
+TRACKERS: dict[str, str | None] = {"none": None, "tensorboard": "tensorboard", "mlflow": "mlflow"}
+
+#: MLflow limits a parameter value to 6000 characters (older servers: 500).
+_MLFLOW_PARAM_MAX = 500
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The requested tracker's package is not installed."""
+
+
+class Tracker(Protocol):
+    """What the run recorder needs from a tracker."""
+
+    def log_round(self, server_round: int, values: Mapping[str, Any]) -> None:
+        """Log one round's flattened record."""
+
+    def close(self) -> None:
+        """Flush and release the backend."""
+
+
+def scalars(values: Mapping[str, Any]) -> dict[str, float]:
+    """Keep the finite numeric entries of a flat record (``round``/``elapsed_s`` excluded).
+
+    Parameters
+    ----------
+    values : mapping
+        Flat ``{dotted.name: value}`` record.
+
+    Returns
+    -------
+    dict
+        ``{name: float}`` for ints and floats that are finite; booleans, strings, lists and
+        ``None`` are dropped.
+
+    """
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if key == "round" or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if math.isfinite(float(value)):
+            out[key] = float(value)
+    return out
+
+
+class TensorBoardTracker:
+    """Write each round's scalars as TensorBoard events under ``run_dir/tensorboard``.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory.
+    config : mapping, optional
+        The run configuration, stored once as a text summary (``config``).
+
+    """
+
+    def __init__(self, run_dir: Path, config: Mapping[str, Any] | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(run_dir) / "tensorboard"
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        if config:
+            import json
+
+            text = json.dumps(dict(config), indent=2, default=str)
+            self.writer.add_text("config", f"```\n{text}\n```", 0)
+
+    def log_round(self, server_round: int, values: Mapping[str, Any]) -> None:
+        """Add every scalar of the round as ``group/name`` at step ``server_round``."""
+        for key, value in scalars(values).items():
+            self.writer.add_scalar(key.replace(".", "/"), value, server_round)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
+
+
+class MLflowTracker:
+    """Log each round's scalars to one MLflow run.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory (the default file store is ``run_dir/mlruns``).
+    run_name : str
+        MLflow run name (the Consilia run name).
+    config : mapping, optional
+        The flattened run configuration, logged as parameters.
+
+    """
+
+    def __init__(self, run_dir: Path, run_name: str,
+                 config: Mapping[str, Any] | None = None) -> None:
+        import mlflow
+
+        self._mlflow = mlflow
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri((Path(run_dir) / "mlruns").resolve().as_uri())
+        self.run = mlflow.start_run(run_name=run_name)
+        if config:
+            params = {k: str(v)[:_MLFLOW_PARAM_MAX] for k, v in config.items()}
+            mlflow.log_params(params)
+        mlflow.set_tag("consilia.run_dir", str(Path(run_dir).resolve()))
+
+    def log_round(self, server_round: int, values: Mapping[str, Any]) -> None:
+        """Log every scalar of the round with ``step=server_round``."""
+        metrics = {_mlflow_key(k): v for k, v in scalars(values).items()}
+        if metrics:
+            self._mlflow.log_metrics(metrics, step=server_round)
+
+    def close(self) -> None:
+        """End the MLflow run."""
+        self._mlflow.end_run()
+
+
+def _mlflow_key(key: str) -> str:
+    """MLflow metric names allow alphanumerics, ``_ - . / space``; replace anything else."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+def create_tracker(
+    kind: str,
+    run_dir: Path,
+    run_name: str = "consilia-run",
+    config: Mapping[str, Any] | None = None,
+) -> Tracker | None:
+    """Return the tracker for ``RunConfig.tracking`` (``None`` for ``"none"``).
+
+    Parameters
+    ----------
+    kind : str
+        ``"none"``, ``"tensorboard"`` or ``"mlflow"``.
+    run_dir : Path
+        The run directory.
+    run_name : str
+        Name shown by the tracking UI.
+    config : mapping, optional
+        Flattened run configuration (logged once).
+
+    Returns
+    -------
+    Tracker or None
+        The tracker, or ``None`` when tracking is off.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``kind``.
+    TrackingUnavailableError
+        When the package ``kind`` needs is not installed (the message says what to install).
+
+    """
+    if kind not in TRACKERS:
+        raise ValueError(f"tracking={kind!r} unknown; allowed: {', '.join(TRACKERS)}")
+    package = TRACKERS[kind]
+    if package is None:
+        return None
+    if importlib.util.find_spec(package) is None:
+        raise TrackingUnavailableError(
+            f"tracking={kind!r} needs the '{package}' package: pip install {package} "
+            "(or set tracking: none)"
+        )
+    if kind == "tensorboard":
+        return TensorBoardTracker(run_dir, config)
+    return MLflowTracker(run_dir, run_name, config)
