@@ -790,6 +790,7 @@ class PrivacyController:
                 f"calibrated for {cal.n_samples} samples in {cal.steps_per_epoch} batches"
             )
         mode = self.resolve_grad_sample_mode(criterion)
+        model.train()  # Opacus refuses eval mode; a cached model may come from evaluate()
         engine = PrivacyEngine(accountant=entry.accountant)
         if entry.accountant_state.history:
             engine.accountant.load_state_dict(entry.accountant_state.to_opacus())

@@ -230,17 +230,22 @@ def _conv(in_channels: int, out_channels: int, kernel: int, stride: int) -> nn.C
 
 @register_model("cnn", 8, "small fast CNN (3 conv blocks, GroupNorm); the default")
 def _small_cnn(
-    in_channels: int, num_classes: int, image_size: int, width: int = 32, dropout: float = 0.0
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    width: int = 32,
+    dropout: float = 0.0,
+    norm: str = "group",
 ) -> nn.Module:
     w = int(width)
+    if norm not in ("group", "none"):
+        raise ValueError(f"cnn: norm must be 'group' or 'none', got {norm!r}")
 
     def block(cin: int, cout: int) -> list[nn.Module]:
-        return [
-            nn.Conv2d(cin, cout, 3, padding=1),
-            nn.GroupNorm(_groups(cout), cout),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        ]
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1)]
+        if norm == "group":
+            layers.append(nn.GroupNorm(_groups(cout), cout))
+        return [*layers, nn.ReLU(), nn.MaxPool2d(2)]
 
     return nn.Sequential(
         *block(in_channels, w),

@@ -29,6 +29,7 @@ __all__ = [
     "Tracker",
     "TrackingUnavailableError",
     "create_tracker",
+    "open_tracker",
     "scalars",
 ]
 
@@ -201,3 +202,52 @@ def create_tracker(
     if kind == "tensorboard":
         return TensorBoardTracker(run_dir, config)
     return MLflowTracker(run_dir, run_name, config)
+
+
+class _Guarded:
+    """Wrap a tracker so that a tracking failure is logged once and never stops a run."""
+
+    def __init__(self, inner: Tracker) -> None:
+        self.inner: Tracker | None = inner
+
+    def log_round(self, server_round: int, values: Mapping[str, Any]) -> None:
+        if self.inner is None:
+            return
+        try:
+            self.inner.log_round(server_round, values)
+        except Exception as exc:  # noqa: BLE001 - tracking is auxiliary to the run directory
+            logger.warning("tracking failed at round %d and is now off: %s", server_round, exc)
+            self.close()
+
+    def close(self) -> None:
+        inner, self.inner = self.inner, None
+        if inner is not None:
+            try:
+                inner.close()
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("closing the tracker failed: %s", exc)
+
+
+def open_tracker(
+    kind: str,
+    run_dir: Path,
+    run_name: str = "consilia-run",
+    config: Mapping[str, Any] | None = None,
+) -> Tracker | None:
+    """Like :func:`create_tracker`, but a missing package or a failing backend only warns.
+
+    The run directory stays the record of the run; tracking is an extra view of it, so a
+    tracker problem must not stop training. Failures while logging turn tracking off with
+    one warning.
+    """
+    try:
+        tracker = create_tracker(kind, run_dir, run_name, config)
+    except TrackingUnavailableError as exc:
+        logger.warning("%s; continuing without tracking", exc)
+        return None
+    except Exception as exc:  # noqa: BLE001 - e.g. an unreachable MLflow server
+        logger.warning("tracking=%s could not start (%s); continuing without it", kind, exc)
+        return None
+    if tracker is not None:
+        logger.info("tracking per-round metrics with %s", kind)
+    return None if tracker is None else _Guarded(tracker)

@@ -15,10 +15,11 @@ from consilia.common.constants import RunConfigKey
 from consilia.common.engine import seed_everything
 from consilia.common.instructions import RoundInstruction
 from consilia.common.serde import arrays_from_model
+from consilia.server.fast_grid import FastPollGrid
 from consilia.server.recorder import RunRecorder
 from consilia.server.strategy import build_strategy
 
-__all__ = ["app", "run_federation"]
+__all__ = ["app", "load_run", "run_federation"]
 
 app = ServerApp()
 
@@ -50,9 +51,8 @@ def run_federation(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
     return final
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Parse the run configuration from ``context.run_config`` and run the federation."""
+def load_run(context: Context) -> tuple[RunConfig, Path]:
+    """Parse the run configuration and run directory from ``context.run_config``."""
     raw = context.run_config.get(RunConfigKey.CONFIG_JSON.value)
     if not raw:
         raise ValueError(
@@ -62,4 +62,12 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.model_validate_json(str(raw))
     run_dir = Path(str(context.run_config.get(RunConfigKey.RUN_DIR.value) or "runs/latest"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_federation(grid, run, run_dir)
+    return run, run_dir
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Parse the run configuration from ``context.run_config`` and run the federation."""
+    run, run_dir = load_run(context)
+    # Flower's deployment Grid polls replies every 3 s; collect them as soon as they arrive.
+    run_federation(FastPollGrid(grid), run, run_dir)  # type: ignore[arg-type]

@@ -7,8 +7,8 @@ boundary: on average 1.5 s lost per phase, 3 s per round, whatever the sites do.
 public ``push_messages``/``pull_messages``, polling after 0.05 s and then backing off to
 ``max_poll_s``; everything else is delegated unchanged.
 
-``app`` is the Consilia ServerApp with this grid (the benchmark compares both); the
-recommended wiring is one line in ``server/app.py``: ``grid = FastPollGrid(grid)``.
+``consilia.server.app`` wraps its Grid with it; ``app`` here is the same ServerApp *without*
+the wrapper (Flower's plain polling), kept so the benchmark can compare both.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the Consilia ServerApp with :class:`FastPollGrid` around Flower's Grid."""
-    from consilia.server.app import main as consilia_main
+    """Run the Consilia federation on Flower's plain Grid (benchmark baseline)."""
+    from consilia.server.app import load_run, run_federation
 
-    consilia_main(FastPollGrid(grid), context)  # type: ignore[arg-type]
+    run, run_dir = load_run(context)
+    run_federation(grid, run, run_dir)

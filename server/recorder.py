@@ -20,6 +20,7 @@ from consilia.common.constants import MessageKey
 from consilia.common.metrics import compute_metrics
 from consilia.common.plots import plot_confusion_matrix, plot_learning_curves
 from consilia.common.serde import load_arrays_into_model, model_from_run_config, save_checkpoint
+from consilia.common.tracking import open_tracker
 
 __all__ = ["RunRecorder", "flatten"]
 
@@ -77,6 +78,8 @@ class RunRecorder:
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         self._jsonl = self.run_dir / "metrics" / "rounds.jsonl"
         self._jsonl.write_text("")
+        self.tracker = open_tracker(run.tracking, self.run_dir, run.name,
+                                    flatten(run.model_dump(mode="json")))
 
     # -- replies -------------------------------------------------------------------
     def record_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> None:
@@ -133,6 +136,8 @@ class RunRecorder:
         with self._jsonl.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         self._write_csv()
+        if self.tracker is not None:
+            self.tracker.log_round(server_round, flatten(record))
         logger.info(self.progress_line(record))
         return result
 
@@ -155,6 +160,10 @@ class RunRecorder:
                if s.get("epsilon") is not None]
         if eps:
             parts.append(f"max eps {max(eps):.2f}")
+        central = (record.get("central_dp") or {}).get("client-level-epsilon")
+        if "central_dp" in record:
+            parts.append("client-level eps (central DP) "
+                         + (f"{central:.2f}" if central is not None else "inf (no noise)"))
         if record.get("errors"):
             parts.append(f"{len(record['errors'])} site failure(s)")
         parts.append(f"{record['elapsed_s']:.1f}s")
@@ -199,4 +208,6 @@ class RunRecorder:
                                   self.run_dir / "plots" / "confusion_matrix.png",
                                   title="global model, test split")
         plot_learning_curves(self.rounds, self.run_dir / "plots" / "learning_curves.png")
+        if self.tracker is not None:
+            self.tracker.close()
         return final

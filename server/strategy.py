@@ -10,7 +10,6 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
     FedProx,
@@ -18,6 +17,7 @@ from flwr.serverapp.strategy import (
 )
 
 from consilia.common.config import DPConfig, StrategyConfig
+from consilia.server.central_dp import AccountedServerSideClipping
 from consilia.server.recorder import RunRecorder
 
 __all__ = ["build_strategy"]
@@ -89,10 +89,11 @@ def build_strategy(cfg: StrategyConfig, dp: DPConfig, recorder: RunRecorder) -> 
         raise ValueError(f"unknown strategy {cfg.name}")
     strategy.recorder = recorder  # type: ignore[attr-defined]
     if dp.enabled and dp.mode == "central":
-        strategy = DifferentialPrivacyServerSideFixedClipping(
+        strategy = AccountedServerSideClipping(  # client-level DP, accounted per round
             strategy,
             noise_multiplier=dp.central_noise_multiplier,
             clipping_norm=dp.central_clipping_norm,
             num_sampled_clients=cfg.min_train_sites,
+            delta=dp.target_delta,
         )
     return strategy

@@ -4,9 +4,9 @@ Runs the same federation (3 sites, the same MedNIST images and splits, the same 
 rounds) four ways and compares the time per round (rounds 2..R; round 1 holds start-up):
 
 1. Flower's simulation engine (``fl-sim``'s path, Ray, in one process);
-2. the deployment as shipped: ``fl-server`` (TLS + site keys) and three ``fl-client`` sites
-   on 127.0.0.1 with the site's long-lived ClientApp process;
-3. the same with the coordinator's :class:`~consilia.server.fast_grid.FastPollGrid`;
+2. ``fl-server`` (TLS + site keys) and three ``fl-client`` sites on 127.0.0.1 with the site's
+   long-lived ClientApp process, but Flower's plain 3 s reply polling at the coordinator;
+3. the deployment as shipped: the same plus :class:`~consilia.server.fast_grid.FastPollGrid`;
 4. the deployment with Flower's defaults: a fresh ``flwr-clientapp`` process per task and the
    SuperNode's 3 s idle poll.
 
@@ -116,7 +116,7 @@ def _deploy(fed: LocalFederation, run_yaml: Path, folders: list[Path], name: str
     fed.wait_online(SITES, timeout_s=300)
     run_dir = fed.root / "runs" / name.split(":")[1].strip().replace(" ", "-")
     args = ["run", str(run_yaml), "--out", str(run_dir), "--detach"]
-    if mode["fast"]:  # submit an app whose ServerApp is the FastPollGrid variant
+    if not mode["fast"]:  # submit an app whose ServerApp uses Flower's plain 3 s reply polling
         from consilia.server.run_launcher import load_run_config, prepare_run_dir
 
         app_dir = prepare_run_dir(load_run_config(run_yaml), run_dir, ["bench"])

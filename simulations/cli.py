@@ -5,6 +5,10 @@ Examples
 ``fl-sim`` runs the default experiment (MedNIST, 5 sites, Dirichlet 0.5, FedProx, small CNN).
 ``fl-sim run --config simulations/scenarios/pneumonia_fedavg.yaml --set strategy.rounds=10``
 ``fl-sim export-sites RUN_DIR --out sites/`` writes each site's data as DICOM for rehearsal.
+``fl-sim run --holdout-site 2`` leaves site 2 out of training and validates on it at the end.
+``fl-sim cv --folds 5`` cross-validates the federated pipeline (5 full runs).
+``fl-sim tune --search tpe --trials 20 --space lr=1e-4:1e-2:log local_epochs=1,2`` searches
+hyperparameters on the sites' federated validation AUC.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="attach to an existing Ray cluster (HOST:PORT) instead of a local one")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the centralized and local-only baselines")
+    p.add_argument("--holdout-site", type=int, default=None, metavar="K",
+                   help="leave-one-site-out: site K never trains and is evaluated at the end")
+    p.add_argument("--tracking", choices=("none", "tensorboard", "mlflow"), default=None,
+                   help="also log per-round metrics to TensorBoard or MLflow (if installed)")
     p.add_argument("--verbose", "-v", action="store_true", help="show Flower/Ray logs")
 
 
@@ -49,6 +57,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         "partition.num_sites": args.sites, "strategy.rounds": args.rounds,
         "strategy.name": args.strategy, "model.name": args.model, "seed": args.seed,
         "simulation.ray_address": args.ray_address,
+        "partition.holdout_site": args.holdout_site, "tracking": args.tracking,
     }
     for key, value in shortcuts.items():
         if value is not None:
@@ -57,7 +66,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         extra += ["baselines.centralized=false", "baselines.local_only=false"]
     if args.sites is not None:
         # keep the minimums feasible when the user shrinks the federation
-        n = args.sites
+        n = args.sites - (1 if args.holdout_site is not None else 0)
         extra += [
             f"strategy.{field}={min(2, n)}"
             for field in ("min_train_sites", "min_evaluate_sites", "min_available_sites")
@@ -75,8 +84,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
     logger.info("final test-split metrics (same split for every model):\n%s",
                 comparison_table(result.final))
     secs = result.final.get("seconds", {})
+    ext = result.final.get("external_validation")
+    if ext:
+        logger.info("external validation on held-out %s (%d images):\n%s", ext["site"], ext["n"],
+                    comparison_table(ext))
     logger.info("wall time: %s", ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
     logger.info("results: %s", result.run_dir)
+    return 0
+
+
+def _cmd_cv(args: argparse.Namespace) -> int:
+    from consilia.simulations.crossval import format_summary, run_cross_validation
+
+    logger = setup_logging(args.verbose)
+    cfg = load_experiment_config(args.config or DEFAULT_SCENARIO, _overrides(args))
+    result = run_cross_validation(cfg, args.folds, args.out, verbose=args.verbose, argv=sys.argv)
+    logger.info("%d-fold cross-validation, test folds (mean ± std):\n%s", args.folds,
+                format_summary(result.summary))
+    logger.info("results: %s", result.out_dir)
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from consilia.simulations.tune import format_results, parse_space, run_tuning
+
+    logger = setup_logging(args.verbose)
+    cfg = load_experiment_config(args.config or DEFAULT_SCENARIO, _overrides(args))
+    specs = parse_space([item for group in args.space for item in group])
+    result = run_tuning(cfg, specs, args.search, args.trials, args.out,
+                        grid_points=args.grid_points, verbose=args.verbose)
+    logger.info("tuning results (objective = federated validation AUC, last round):\n%s",
+                format_results(result.table))
+    logger.info("best: %s -> %.4f; run it with fl-sim run --config %s",
+                ", ".join(f"{k}={v}" for k, v in result.best_params.items()), result.best_value,
+                result.out_dir / "best_config.yaml")
     return 0
 
 
@@ -128,6 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a simulation experiment (the default command)")
     _add_run_arguments(run)
     run.set_defaults(func=_cmd_run)
+    cv = sub.add_parser("cv", help="k-fold cross-validation of the federated pipeline")
+    _add_run_arguments(cv)
+    cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    cv.set_defaults(func=_cmd_cv)
+    tune = sub.add_parser("tune", help="hyperparameter search on the federated validation AUC")
+    _add_run_arguments(tune)
+    tune.add_argument("--search", choices=("grid", "random", "tpe"), default="tpe",
+                      help="sampler (default tpe, Bayesian)")
+    tune.add_argument("--trials", type=int, default=None,
+                      help="number of trials (default: the grid size for grid, else 10)")
+    tune.add_argument("--space", nargs="+", action="append", required=True, metavar="NAME=SPEC",
+                      help="e.g. lr=1e-4:1e-2:log local_epochs=1,2 proximal_mu=0,0.01,0.1 "
+                           "batch_size=16,32,64 (ranges LO:HI[:log], lists A,B,C)")
+    tune.add_argument("--grid-points", type=int, default=3,
+                      help="values per range in a grid search (default 3)")
+    tune.set_defaults(func=_cmd_tune)
     exp = sub.add_parser("export-sites", help="write a run's sites as DICOM folders + labels CSV")
     exp.add_argument("run_dir", type=Path)
     exp.add_argument("--out", type=Path, required=True)

@@ -22,11 +22,13 @@ import yaml
 
 from consilia.client.trainer import ImageData
 from consilia.common.config import ExperimentConfig, TaskSpec
-from consilia.common.datasets import load_dataset
+from consilia.common.datasets import DatasetBundle, load_dataset
 from consilia.common.engine import seed_everything
 from consilia.common.plots import plot_learning_curves
 from consilia.simulations.baselines import run_centralized, run_local_only
+from consilia.simulations.cross_site import cross_site_validation
 from consilia.simulations.flower_sim import run_flower_simulation
+from consilia.simulations.holdout import external_validation, split_holdout
 from consilia.simulations.partition import (
     build_partition,
     format_partition_table,
@@ -129,6 +131,7 @@ def run_experiment(
     out_dir: Path | None = None,
     verbose: bool = False,
     argv: list[str] | None = None,
+    bundle: DatasetBundle | None = None,
 ) -> ExperimentResult:
     """Run one simulation experiment end to end.
 
@@ -142,6 +145,8 @@ def run_experiment(
         Show Flower's and Ray's own logs.
     argv : list of str, optional
         The command line, recorded in ``environment.json``.
+    bundle : DatasetBundle, optional
+        Use these splits instead of loading ``cfg.data`` (k-fold cross-validation).
     """
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
@@ -149,7 +154,7 @@ def run_experiment(
     run_dir.mkdir(parents=True, exist_ok=True)
     logger.info("run directory: %s", run_dir)
 
-    bundle = load_dataset(cfg.data, cfg.seed)
+    bundle = load_dataset(cfg.data, cfg.seed) if bundle is None else bundle
     logger.info(
         "dataset %s: %d train / %d val / %d test images, %d classes, %dx%d px, %d channel(s)",
         bundle.name, len(bundle.train.labels), len(bundle.val.labels) if bundle.val else 0,
@@ -167,6 +172,9 @@ def run_experiment(
     table = partition_table(partition, bundle.class_names)
     logger.info("partition (%s, %d sites):\n%s", cfg.partition.scheme, cfg.partition.num_sites,
                 format_partition_table(table))
+    held_out = None
+    if cfg.partition.holdout_site is not None:
+        partition, held_out = split_holdout(partition, cfg.partition.holdout_site, run_dir)
     np.savez_compressed(run_dir / "test_set.npz", images=bundle.test.images,
                         labels=bundle.test.labels, class_names=np.array(bundle.class_names))
     _write_metadata(run_dir, cfg, argv)
@@ -175,9 +183,9 @@ def run_experiment(
     run = cfg.run_config()
     logger.info("federated training: %s, %d rounds, %d sites, model %s (Flower simulation "
                 "engine, Ray backend)", cfg.strategy.name, cfg.strategy.rounds,
-                cfg.partition.num_sites, cfg.model.name)
+                partition.num_sites, cfg.model.name)
     t_fl = time.perf_counter()
-    run_flower_simulation(run, run_dir, run_dir / "sites", cfg.partition.num_sites,
+    run_flower_simulation(run, run_dir, run_dir / "sites", partition.num_sites,
                           cfg.simulation, verbose=verbose)
     seconds["federated"] = time.perf_counter() - t_fl
     fed_path = run_dir / "federated_metrics.json"
@@ -201,6 +209,9 @@ def run_experiment(
         seconds["local_only"] = time.perf_counter() - t_l
         final["local_only"] = {r.name.removeprefix("local-"): r.metrics for r in local}
         final["local_only"]["mean"] = _mean_metrics([r.metrics for r in local])
+    final.update(cross_site_validation(run_dir))
+    if held_out is not None:
+        final["external_validation"] = external_validation(run_dir, held_out)
     seconds["total"] = time.perf_counter() - t0
     final["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
