@@ -140,7 +140,7 @@ def _mean_site_train_seconds(records: list[dict]) -> float:
 
 
 def render_markdown(acc: dict | None, scale: list[dict] | None, command: str) -> str:
-    """The benchmark section for docs/benchmarks.md."""
+    """Render the benchmark section for docs/benchmarks.md."""
     lines = ["## Simulation (`fl-sim`)", "", f"Command: `{command}`", "",
              "Machine: 2 CPU cores, no GPU (the CI machine).", ""]
     if acc:
