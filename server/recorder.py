@@ -21,6 +21,7 @@ from consilia.common.metrics import compute_metrics
 from consilia.common.plots import plot_confusion_matrix, plot_learning_curves
 from consilia.common.serde import load_arrays_into_model, model_from_run_config, save_checkpoint
 from consilia.common.tracking import open_tracker
+from consilia.server.progress import format_round
 
 __all__ = ["RunRecorder", "flatten"]
 
@@ -142,32 +143,8 @@ class RunRecorder:
         return result
 
     def progress_line(self, record: dict[str, Any]) -> str:
-        """One human line per round: round, loss, AUC, accuracy, elapsed."""
-        total = self.run.strategy.rounds
-        parts = [f"[round {record['round']:>3}/{total}]"]
-        train = record.get("train") or {}
-        if "train-loss" in train:
-            parts.append(f"train loss {train['train-loss']:.4f}")
-        fed = record.get("federated_eval") or {}
-        if "accuracy" in fed:
-            parts.append(f"site-val acc {fed['accuracy']:.4f}")
-        srv = record.get("server_eval") or {}
-        if srv:
-            auc = srv.get("auc")
-            parts.append(f"test AUC {auc:.4f}" if auc is not None else "test AUC n/a")
-            parts.append(f"test acc {srv['accuracy']:.4f}")
-        eps = [s.get("epsilon") for s in (record.get("sites") or {}).values()
-               if s.get("epsilon") is not None]
-        if eps:
-            parts.append(f"max eps {max(eps):.2f}")
-        central = (record.get("central_dp") or {}).get("client-level-epsilon")
-        if "central_dp" in record:
-            parts.append("client-level eps (central DP) "
-                         + (f"{central:.2f}" if central is not None else "inf (no noise)"))
-        if record.get("errors"):
-            parts.append(f"{len(record['errors'])} site failure(s)")
-        parts.append(f"{record['elapsed_s']:.1f}s")
-        return " | ".join(parts)
+        """Human lines for one round: round, loss, AUC, accuracy, epsilon, elapsed, failures."""
+        return "\n".join(format_round(record, self.run.strategy.rounds))
 
     def _write_csv(self) -> None:
         rows = [flatten(r) for r in self.rounds]

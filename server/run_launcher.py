@@ -10,14 +10,10 @@ ServerApp appends ``metrics/rounds.jsonl``. The ServerApp runs on the coordinato
 from __future__ import annotations
 
 import json
-import platform
-import re
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +28,10 @@ from consilia.common.config import (
     parse_model,
 )
 from consilia.common.constants import RunConfigKey
+from consilia.common.environment import library_versions
 from consilia.common.flower_app import write_flower_app
 from consilia.server.operator import FlowerOperator
+from consilia.server.progress import format_round, readable_reason
 
 __all__ = [
     "RunTimeoutError",
@@ -46,7 +44,6 @@ __all__ = [
     "readable_reason",
 ]
 
-_LIBRARIES = ("torch", "torchvision", "flwr", "monai", "opacus", "pydicom", "pydantic", "numpy")
 _TASK_HELP = (
     "a deployed run needs 'task': class_names (the labels every site uses in its labels.csv, "
     "in the same order everywhere), in_channels (1 or 3) and image_size; see "
@@ -80,15 +77,6 @@ def load_run_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
     return run
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of Python, the platform and the libraries that shape the results."""
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in _LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def check_test_set(path: Path, run: RunConfig) -> None:
@@ -184,55 +172,6 @@ def prepare_run_dir(
     return app_dir
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, int | float) else "n/a"
-
-
-_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
-
-
-def readable_reason(reason: str) -> str:
-    """Turn Flower's ``<class 'pkg.Error'>:<'message'>`` into ``Error: message``."""
-    match = _FLOWER_REASON.match(str(reason).strip())
-    return f"{match.group(1)}: {match.group(2)}" if match else str(reason)
-
-
-def format_round(
-    record: dict[str, Any], total_rounds: int, site_names: dict[str, str] | None = None
-) -> list[str]:
-    """Human lines for one ``rounds.jsonl`` record: a summary plus one line per site failure.
-
-    ``site_names`` maps ``node-<id>`` labels (error replies carry no site name) to names.
-    """
-    rnd = record.get("round", "?")
-    sites = record.get("sites") or {}
-    parts = [f"[round {rnd}/{total_rounds}] "
-             + ("initial model" if rnd == 0 else f"{len(sites)} site(s) answered")]
-    train = record.get("train") or {}
-    if "train-loss" in train:
-        parts.append(f"train loss {_fmt(train['train-loss'])}")
-    fed = record.get("federated_eval") or {}
-    if "accuracy" in fed:
-        parts.append(f"site-val acc {_fmt(fed['accuracy'])}")
-    srv = record.get("server_eval") or {}
-    if srv:
-        parts.append(f"test acc {_fmt(srv.get('accuracy'))} AUC {_fmt(srv.get('auc'))}")
-    eps = [s.get("epsilon") for s in sites.values() if s.get("epsilon") is not None]
-    if eps:
-        parts.append(f"max eps {max(eps):.2f}")
-    parts.append(f"{_fmt(record.get('elapsed_s'), 1)}s")
-    lines = [" | ".join(parts)]
-    inc = record.get("incomplete")
-    if inc:
-        lines.append(f"    ! round incomplete: only {inc.get('answered')} of the required "
-                     f"{inc.get('required')} site(s) answered {inc.get('phase')}; "
-                     "the global model is kept")
-    names = site_names or {}
-    for err in record.get("errors") or []:
-        site = str(err.get("site"))
-        lines.append(f"    ! {names.get(site, site)} {err.get('phase')} failed: "
-                     f"{readable_reason(str(err.get('reason')))}")
-    return lines
 
 
 def follow_run(

@@ -57,7 +57,7 @@ DATASETS: dict[str, list[str]] = {
 COMMON: list[str] = [
     "partition.num_sites=5", "partition.scheme=iid", "partition.site_val_fraction=0.2",
     "model.name=cnn", "model.kwargs={width: 16}",
-    "strategy.name=fedavg", "strategy.rounds=5", "strategy.min_train_sites=5",
+    "strategy.name=fedavg", "strategy.rounds=10", "strategy.min_train_sites=5",
     "strategy.min_evaluate_sites=5", "strategy.min_available_sites=5",
     "train.local_epochs=2", "train.batch_size=64", "train.lr=0.005", "train.optimizer=adam",
     "baselines.centralized=false", "baselines.local_only=false",
@@ -422,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modes", default="hooks,functorch,ew,ghost")
     parser.add_argument("--cost-size", type=int, default=32)
     parser.add_argument("--cost-batch", type=int, default=32)
-    parser.add_argument("--cost-steps", type=int, default=3)
+    parser.add_argument("--cost-steps", type=int, default=5)
     parser.add_argument("--docs", type=Path, default=None,
                         help="update this Markdown file's '## Differential privacy' section")
     parser.add_argument("overrides", nargs="*", help="extra section.field=value overrides")

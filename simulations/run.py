@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from consilia.client.trainer import ImageData
 from consilia.common.config import ExperimentConfig, TaskSpec
 from consilia.common.datasets import DatasetBundle, load_dataset
 from consilia.common.engine import seed_everything
+from consilia.common.environment import library_versions
 from consilia.common.plots import plot_learning_curves
 from consilia.simulations.baselines import run_centralized, run_local_only
 from consilia.simulations.cross_site import cross_site_validation
@@ -40,8 +39,6 @@ __all__ = ["ExperimentResult", "comparison_table", "library_versions", "run_expe
 
 logger = logging.getLogger("consilia")
 
-_LIBRARIES = ("torch", "torchvision", "flwr", "flwr-datasets", "monai", "opacus", "pydicom",
-              "pydantic", "numpy", "scikit-learn", "ray")
 
 
 @dataclass
@@ -53,15 +50,6 @@ class ExperimentResult:
     seconds: dict[str, float]
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that determine the numbers."""
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in _LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def _resolve_run_dir(cfg: ExperimentConfig, out_dir: Path | None) -> Path:

@@ -1,0 +1,63 @@
+"""One human line per round (plus one per site failure), from a ``rounds.jsonl`` record.
+
+Shared by the coordinator's recorder (the ServerApp's log) and ``fl-server run`` (which follows
+the run directory), so the operator sees the same lines in simulation and deployment.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["format_round", "readable_reason"]
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else "n/a"
+
+
+_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
+
+
+def readable_reason(reason: str) -> str:
+    """Turn Flower's ``<class 'pkg.Error'>:<'message'>`` into ``Error: message``."""
+    match = _FLOWER_REASON.match(str(reason).strip())
+    return f"{match.group(1)}: {match.group(2)}" if match else str(reason)
+
+
+def format_round(
+    record: dict[str, Any], total_rounds: int, site_names: dict[str, str] | None = None
+) -> list[str]:
+    """Human lines for one ``rounds.jsonl`` record: a summary plus one line per site failure.
+
+    ``site_names`` maps ``node-<id>`` labels (error replies carry no site name) to names.
+    """
+    rnd = record.get("round", "?")
+    sites = record.get("sites") or {}
+    parts = [f"[round {rnd}/{total_rounds}] "
+             + ("initial model" if rnd == 0 else f"{len(sites)} site(s) answered")]
+    train = record.get("train") or {}
+    if "train-loss" in train:
+        parts.append(f"train loss {_fmt(train['train-loss'])}")
+    fed = record.get("federated_eval") or {}
+    if "accuracy" in fed:
+        parts.append(f"site-val acc {_fmt(fed['accuracy'])}")
+    srv = record.get("server_eval") or {}
+    if srv:
+        parts.append(f"test acc {_fmt(srv.get('accuracy'))} AUC {_fmt(srv.get('auc'))}")
+    eps = [s.get("epsilon") for s in sites.values() if s.get("epsilon") is not None]
+    if eps:
+        parts.append(f"max eps {max(eps):.2f}")
+    parts.append(f"{_fmt(record.get('elapsed_s'), 1)}s")
+    lines = [" | ".join(parts)]
+    inc = record.get("incomplete")
+    if inc:
+        lines.append(f"    ! round incomplete: only {inc.get('answered')} of the required "
+                     f"{inc.get('required')} site(s) answered {inc.get('phase')}; "
+                     "the global model is kept")
+    names = site_names or {}
+    for err in record.get("errors") or []:
+        site = str(err.get("site"))
+        lines.append(f"    ! {names.get(site, site)} {err.get('phase')} failed: "
+                     f"{readable_reason(str(err.get('reason')))}")
+    return lines
