@@ -48,6 +48,10 @@ def format_round(
     eps = [s.get("epsilon") for s in sites.values() if s.get("epsilon") is not None]
     if eps:
         parts.append(f"max eps {max(eps):.2f}")
+    if isinstance(central := record.get("central_dp"), dict):  # coordinator's client-level DP
+        value = central.get("client-level-epsilon")
+        parts.append("client-level eps (central DP) "
+                     + (f"{value:.2f}" if value is not None else "inf (no noise)"))
     parts.append(f"{_fmt(record.get('elapsed_s'), 1)}s")
     lines = [" | ".join(parts)]
     inc = record.get("incomplete")

@@ -51,6 +51,7 @@ def _run(tmp_path: Path, overrides: list[str], client_app: ClientApp | None = No
     return result, [json.loads(line) for line in lines if line]
 
 
+@pytest.mark.slow
 def test_central_dp_run_records_client_level_epsilon_each_round(tmp_path: Path) -> None:
     from consilia.common.config import RunConfig
     from consilia.server.recorder import RunRecorder
@@ -97,6 +98,7 @@ def _refusing_app(partition: int) -> ClientApp:
     return app
 
 
+@pytest.mark.slow
 def test_a_refusing_site_does_not_stop_central_dp_aggregation(tmp_path: Path) -> None:
     _, rounds = _run(tmp_path, [
         "partition.num_sites=3", "partition.scheme=iid", "strategy.min_train_sites=2",

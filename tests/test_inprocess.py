@@ -14,6 +14,7 @@ from consilia.simulations.inprocess import run_inprocess_simulation
 from consilia.simulations.message_audit import audit_reply
 
 
+@pytest.mark.slow
 def test_local_dp_federation_in_process_reports_epsilon_and_sends_only_weights(
     tmp_path: Path,
 ) -> None:

@@ -74,6 +74,24 @@ def test_noise_seeds_differ_per_round_and_site_and_repeat_per_run() -> None:
     assert round_noise_seed(5, 1, 2) != round_noise_seed(6, 1, 2)
 
 
+def test_a_model_left_in_eval_mode_by_evaluate_still_trains_privately(tmp_path: Path) -> None:
+    """Sites cache their model; evaluate() leaves it in eval mode, which Opacus refuses."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from consilia.common.models import build_model
+
+    factory = simulated_privacy_factory(tmp_path, "site-00", 0, run_id=1)
+    ctrl = factory(_instr(DPConfig(enabled=True, target_epsilon=3.0, grad_sample_mode="hooks")),
+                   32)
+    model = build_model("cnn", 1, 2, 28).eval()
+    data = TensorDataset(torch.rand(32, 1, 28, 28), torch.randint(0, 2, (32,)))
+    loader = DataLoader(data, batch_size=8, shuffle=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, n, steps = ctrl.train(model, opt, loader, torch.nn.CrossEntropyLoss(), 1)
+    assert n == 32 and steps == 4 and 0 < ctrl.spent_epsilon() <= 3.0
+
+
 # -- the message contract (fast) -------------------------------------------------------------
 
 
