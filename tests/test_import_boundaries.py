@@ -40,11 +40,15 @@ def test_client_never_imports_server():
 
 
 def test_no_generic_top_level_packages_are_installed(tmp_path):
+    import os
     import subprocess
     import sys
 
-    code = ("import importlib.util, sys; import consilia.common; "
-            "sys.exit(0 if all(importlib.util.find_spec(n) is None "
-            "for n in ('common', 'server', 'client', 'simulations')) else 1)")
-    # run outside the checkout so only installed packages are importable
-    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path).returncode == 0
+    code = ("import importlib.util, consilia.common; "
+            "print([(n, str(importlib.util.find_spec(n).origin)) for n in "
+            "('common', 'server', 'client', 'simulations') if importlib.util.find_spec(n)])")
+    # run outside the checkout (and without PYTHONPATH) so only installed packages count
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"generic top-level modules importable: {out}"
