@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -201,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     setup_logging()
     acc = None if args.skip_accuracy else accuracy_benchmark(args.out, args.rounds)
     scale = None if args.skip_scaling else scaling_benchmark(
         args.out, [int(s) for s in args.sites.split(",")], args.scale_rounds)
-    command = "python -m consilia.simulations.bench " + " ".join(argv or [])
+    command = "python -m consilia.simulations.bench " + " ".join(argv)
     section = render_markdown(acc, scale, command.strip())
     print(section)
     (args.out / "bench.json").write_text(json.dumps({"accuracy": acc, "scaling": scale},
