@@ -68,7 +68,8 @@ def test_fairness_names_worst_and_best_site_of_the_global_model(result):
 
 
 def test_result_is_strict_json(result):
-    json.dumps(result, allow_nan=False)
+    text = json.dumps(result, allow_nan=False)  # raises on NaN/inf
+    assert json.loads(text) == result
 
 
 def test_runs_without_baselines_and_skips_sites_without_val(tmp_path, run_dir):
