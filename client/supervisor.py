@@ -36,6 +36,7 @@ from typing import IO
 from consilia.client.site_check import TLSProbeError, check_auth_key, probe_tls
 from consilia.client.site_config import SiteConfig
 from consilia.common.constants import NodeConfigKey
+from consilia.common.procenv import child_env as process_env
 
 __all__ = ["Backoff", "SiteSupervisor", "explain_supernode_exit"]
 
@@ -178,7 +179,7 @@ class SiteSupervisor:
 
     def child_env(self) -> dict[str, str]:
         """Environment of both children: no telemetry, Flower's files in the state dir."""
-        env = dict(os.environ)
+        env = process_env()
         env["FLWR_TELEMETRY_ENABLED"] = "0"
         env["FLWR_HOME"] = str(self.config.state_dir / "flwr")
         env.setdefault("PYTHONUNBUFFERED", "1")

@@ -10,7 +10,6 @@ always prints :data:`INSECURE_WARNING`.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import ssl
@@ -21,6 +20,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from consilia.common.procenv import child_env
 
 __all__ = [
     "INSECURE_WARNING",
@@ -196,7 +197,7 @@ def start_superlink(settings: SuperLinkSettings, foreground: bool = False) -> su
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
     if settings.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **settings.extra_env}
+    env = child_env(FLWR_TELEMETRY_ENABLED="0", **settings.extra_env)
     out = None if foreground else settings.log_file.open("ab")
     try:
         return subprocess.Popen(

@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from consilia.common.datasets.mednist import find_mednist, read_mednist_images
+from consilia.common.procenv import child_env
 
 __all__ = [
     "GEN_CERTS",
@@ -140,8 +141,7 @@ class LocalFederation:
         return self.root / "sites" / name
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-                **self.env}
+        return child_env(FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1", **self.env)
 
     # -- certificates --------------------------------------------------------------------
     def generate_certs(self, extra_sites: Sequence[str] = ()) -> None:

@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from PIL import Image
 
+from consilia.common.procenv import child_env
+
 
 def free_port() -> int:
     """Return a TCP port that is free on 127.0.0.1 right now."""
@@ -294,7 +296,7 @@ class LocalSuperLink:
             "[superlink]\ndefault = \"local\"\n\n[superlink.local]\n"
             f"address = \"127.0.0.1:{self.port}\"\nroot-certificates = \"{certs['ca']}\"\n"
         )
-        self.env = dict(os.environ, FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0")
+        self.env = child_env(FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0")
         self.bin = Path(sys.executable).parent
         self.process = None
 

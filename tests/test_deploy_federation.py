@@ -9,7 +9,6 @@ and every site refuses a disallowed model, which the coordinator reports readabl
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
+from consilia.common.procenv import child_env
 from consilia.simulations.local_federation import LocalFederation, mednist_sites, wait_for
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ def _rounds(run_dir: Path) -> list[dict]:
 def _supernode(fed: LocalFederation, *args: str, log: Path) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "flower-supernode"), "--superlink", fed.address, "--port",
            str(_port()), "--max-retries", "1", "--max-wait-time", "10", *args]
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    env = child_env(FLWR_TELEMETRY_ENABLED="0")
     with log.open("w") as out:
         return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=120,
                               check=False)
