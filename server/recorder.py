@@ -23,7 +23,7 @@ from consilia.common.serde import load_arrays_into_model, model_from_run_config,
 from consilia.common.tracking import open_tracker
 from consilia.server.progress import format_round
 
-__all__ = ["RunRecorder", "flatten"]
+__all__ = ["RunRecorder", "flatten", "site_name"]
 
 logger = logging.getLogger("consilia")
 
@@ -40,7 +40,8 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _site_name(msg: Message) -> str:
+def site_name(msg: Message) -> str:
+    """Return the replying site's name (``node-<id>`` when the reply carries none)."""
     site = msg.content.config_records.get(MessageKey.SITE.value) if msg.has_content() else None
     if site is not None and "name" in site:
         return str(site["name"])
@@ -87,7 +88,7 @@ class RunRecorder:
         """Store each site's metrics (and each refusal's reason) for ``server_round``."""
         sites = self._pending.setdefault("sites", {})
         for msg in replies:
-            name = _site_name(msg)
+            name = site_name(msg)
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
                 self._pending.setdefault("errors", []).append(

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (
 
 from consilia.common.config import DPConfig, StrategyConfig
 from consilia.server.central_dp import AccountedServerSideClipping
-from consilia.server.recorder import RunRecorder
+from consilia.server.recorder import RunRecorder, site_name
 
 __all__ = ["build_strategy"]
 
@@ -31,7 +31,8 @@ class _RecordingMixin:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        # a fixed order (by site) makes the float sums of aggregation reproducible
+        replies = sorted(replies, key=site_name)
         self.recorder.record_replies(server_round, replies, "train")
         answered = sum(1 for msg in replies if not msg.has_error())
         required = int(getattr(self, "min_train_nodes", 1))
@@ -47,7 +48,8 @@ class _RecordingMixin:
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = list(replies)
+        # a fixed order (by site) makes the float sums of aggregation reproducible
+        replies = sorted(replies, key=site_name)
         self.recorder.record_replies(server_round, replies, "evaluate")
         metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
         self.recorder.aggregated("federated_eval", metrics)
