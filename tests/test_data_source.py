@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_testkit import write_dicom
 from PIL import Image
 from pydantic import TypeAdapter, ValidationError
-from pydicom.dataset import Dataset
-from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from consilia.client import data_source
 from consilia.client.data_source import (
@@ -28,19 +27,10 @@ from consilia.client.data_source import (
 CLASSES = ["normal", "pneumonia"]
 
 
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str, bits: int, **tags) -> str:
+def write_dicom_uid(path: Path, pixels: np.ndarray, photometric: str, bits: int, **tags) -> str:
     """Write a minimal DICOM file; return its SOP Instance UID."""
-    ds = Dataset()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "OT"
-    ds.set_pixel_data(pixels, photometric, bits, generate_instance_uid=False)
-    for keyword, value in tags.items():
-        setattr(ds, keyword, value)
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return str(ds.SOPInstanceUID)
+    written = write_dicom(path, pixels, photometric, bits, **tags)
+    return str(pydicom.dcmread(written, stop_before_pixels=True).SOPInstanceUID)
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
@@ -60,13 +50,15 @@ def tree(tmp_path: Path, dicom_dir: Path, rng: np.random.Generator) -> dict:
     root = tmp_path / "pacs"
     uids: dict[str, str] = {}
     grey8 = rng.integers(0, 256, size=(20, 30), dtype=np.uint8)
-    uids["ward1/a.dcm"] = write_dicom(root / "ward1/a.dcm", grey8, "MONOCHROME2", 8, PatientSex="F")
+    uids["ward1/a.dcm"] = write_dicom_uid(
+        root / "ward1/a.dcm", grey8, "MONOCHROME2", 8, PatientSex="F"
+    )
     grey16 = rng.integers(0, 4096, size=(40, 40), dtype=np.uint16)
-    uids["ward1/b.dcm"] = write_dicom(
+    uids["ward1/b.dcm"] = write_dicom_uid(
         root / "ward1/b.dcm", grey16, "MONOCHROME2", 12, WindowCenter=2048, WindowWidth=4096
     )
     rgb = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
-    uids["ward2/c.dcm"] = write_dicom(root / "ward2/c.dcm", rgb, "RGB", 8, PatientAge="042Y")
+    uids["ward2/c.dcm"] = write_dicom_uid(root / "ward2/c.dcm", rgb, "RGB", 8, PatientAge="042Y")
     shutil.copy(dicom_dir / "CT_small.dcm", root / "ward2/ct.dcm")
     shutil.copy(dicom_dir / "dicomdirtests_77654033_CR1_6154", root / "ward2/cr_no_extension")
     shutil.copy(dicom_dir / "MR_truncated.dcm", root / "ward2/broken.dcm")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_testkit import write_dicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
@@ -74,20 +75,6 @@ def decoded(dicom_dir: Path) -> dict[str, DicomImage | DicomSkip]:
         except DicomSkip as skip:
             out[path.name] = skip
     return out
-
-
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str, bits: int, **tags) -> Path:
-    """Write a minimal DICOM file from ``pixels`` (extra header elements as keywords)."""
-    ds = Dataset()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "OT"
-    ds.set_pixel_data(pixels, photometric, bits, generate_instance_uid=False)
-    for keyword, value in tags.items():
-        setattr(ds, keyword, value)
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
 
 
 # ---------------------------------------------------------------------------------------
