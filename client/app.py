@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from consilia.client.site_config import SitePolicyViolation
 from consilia.client.site_runtime import resolve_site
-from consilia.common.constants import MessageKey
+from consilia.common.constants import ConfigKey, MessageKey, MetricKey, QueryName
 from consilia.common.instructions import RoundInstruction
 
 __all__ = ["app"]
@@ -47,3 +52,28 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's held-out data."""
     instr, site, state = _prepare(msg, context)
     return _reply(msg, site.name, site.trainer.evaluate(state, instr))
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer the coordinator's classifier-calibration request with per-class feature sums.
+
+    The site's policy decides (``policy.feature_statistics``); a site training with local DP
+    declines, since these statistics are not covered by its DP guarantee.
+    """
+    instr, site, state = _prepare(msg, context)
+    asked = str(msg.content[MessageKey.CONFIG.value].get(ConfigKey.QUERY.value, ""))
+    if asked != QueryName.FEATURE_STATS.value:
+        raise ValueError(f"unknown query '{asked}' (this site answers: "
+                         f"{', '.join(q.value for q in QueryName)})")
+    rule = site.statistics_rule()
+    if not rule.share:
+        raise SitePolicyViolation(rule.reason)
+    if instr.dp.enabled and instr.dp.mode == "local":
+        raise SitePolicyViolation("the run trains with local DP; feature statistics are not "
+                                  "covered by the DP guarantee, so this site does not send them")
+    stats = site.trainer.feature_stats(state, instr, rule.min_class_count)
+    arrays = {name: torch.from_numpy(np.ascontiguousarray(value))
+              for name, value in stats.to_arrays().items()}
+    return _reply(msg, site.name, {MetricKey.NUM_EXAMPLES.value: int(stats.counts.sum())},
+                  arrays=OrderedDict(arrays))

@@ -59,6 +59,9 @@ Example (every optional field shown with its default, except where marked)::
         max_grad_norm: 1.0
         accountant: rdp
         dataset_key: chest-xray-2024      # (default: the site name)
+      feature_statistics:                 # classifier calibration after the last round
+        share: true                       # per-class feature sums; declined under local DP
+        min_class_count: 20               # withhold classes rarer than this here
       approved_apps: ["consilia/consilia-run==0.1.0"]   # default: the installed version
     runtime:
       isolation: process                  # subprocess = Flower's default (no approval)
@@ -77,7 +80,7 @@ import zlib
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -92,15 +95,20 @@ from consilia.common.config import (
 from consilia.common.flower_app import APP_PUBLISHER
 from consilia.common.instructions import RoundInstruction
 
+if TYPE_CHECKING:
+    from consilia.client.site_runtime import StatisticsRule
+
 __all__ = [
     "APP_NAME",
     "CoordinatorConfig",
     "DPPolicy",
+    "FeatureStatisticsPolicy",
     "ResourceLimits",
     "RuntimeSettings",
     "SiteConfig",
     "SitePolicy",
     "SitePolicyViolation",
+    "statistics_rule_for",
     "ValidationSplit",
     "check_policy",
     "default_approved_apps",
@@ -230,6 +238,20 @@ class DPPolicy(StrictModel):
     )
 
 
+class FeatureStatisticsPolicy(StrictModel):
+    """Whether the site answers the coordinator's classifier-calibration request.
+
+    The answer is, per class, the number of images and the sum and outer-product sum of the
+    global model's penultimate features (a few dozen numbers per class; never a per-image
+    value). It is not covered by DP-SGD, so a site that trains with local DP declines it.
+    """
+
+    share: bool = Field(True, description="send per-class feature statistics at the end of a "
+                        "run (classifier calibration)")
+    min_class_count: int = Field(20, ge=1, description="withhold every class with fewer images "
+                                 "than this at the site")
+
+
 class SitePolicy(StrictModel):
     """What the site agrees to take part in."""
 
@@ -238,6 +260,7 @@ class SitePolicy(StrictModel):
     )
     max_rounds: int = Field(100, ge=1, le=100000)
     dp: DPPolicy = DPPolicy()
+    feature_statistics: FeatureStatisticsPolicy = FeatureStatisticsPolicy()
     approved_apps: list[str] = Field(
         default_factory=default_approved_apps,
         description="app bundles this site serves: 'publisher/name==version' (version may "
@@ -599,7 +622,26 @@ def load_deployed_site(path: Path, instr: RoundInstruction, run_id: int | str | 
         # Re-read the file: a hospital tightening its policy takes effect at the next round.
         check_policy(load_site_config(path).policy, round_instr)
 
-    return SiteRuntime(name=config.name, trainer=trainer, check_policy=current_policy)
+    def statistics_rule() -> StatisticsRule:
+        return statistics_rule_for(load_site_config(path).policy)
+
+    return SiteRuntime(name=config.name, trainer=trainer, check_policy=current_policy,
+                       statistics_rule=statistics_rule)
+
+
+def statistics_rule_for(policy: SitePolicy) -> StatisticsRule:
+    """Translate the site's policy into its answer to a feature-statistics request."""
+    from consilia.client.site_runtime import StatisticsRule
+
+    rule = policy.feature_statistics
+    if not rule.share:
+        return StatisticsRule(False, rule.min_class_count, "this site's policy does not share "
+                              "feature statistics (policy.feature_statistics.share: false)")
+    if policy.dp.required:
+        return StatisticsRule(False, rule.min_class_count, "this site trains with local DP "
+                              "(policy.dp.required) and feature statistics are not covered "
+                              "by its DP guarantee")
+    return StatisticsRule(True, rule.min_class_count)
 
 
 def _capped_trainer(config: SiteConfig, train, val, privacy_factory):

@@ -18,16 +18,42 @@ from consilia.client.trainer import ImageData, SiteTrainer
 from consilia.common.constants import NodeConfigKey, RunConfigKey
 from consilia.common.instructions import RoundInstruction
 
-__all__ = ["SiteRuntime", "forget_runs", "register_deployed_site_loader", "resolve_site"]
+__all__ = [
+    "SiteRuntime",
+    "StatisticsRule",
+    "forget_runs",
+    "register_deployed_site_loader",
+    "resolve_site",
+]
+
+
+@dataclass(frozen=True)
+class StatisticsRule:
+    """Whether (and how) the site answers a classifier-calibration statistics request.
+
+    Attributes
+    ----------
+    share : bool
+        Send per-class feature sums at all.
+    min_class_count : int
+        Withhold every class with fewer images than this at the site.
+    reason : str
+        Why the site declines (shown at the coordinator) when ``share`` is false.
+    """
+
+    share: bool = True
+    min_class_count: int = 20
+    reason: str = ""
 
 
 @dataclass
 class SiteRuntime:
-    """A loaded site: its trainer plus an optional policy check."""
+    """A loaded site: its trainer, an optional policy check and its statistics rule."""
 
     name: str
     trainer: SiteTrainer
     check_policy: Callable[[RoundInstruction], None] | None = None
+    statistics_rule: Callable[[], StatisticsRule] = StatisticsRule
 
     def enforce_policy(self, instr: RoundInstruction) -> None:
         """Raise if the coordinator's instruction violates this site's policy."""

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from consilia.common.calibration import FeatureStats, collect_feature_stats
 from consilia.common.config import TaskSpec, TrainConfig
 from consilia.common.engine import evaluate_model, seed_everything, snapshot_params, train_epochs
 from consilia.common.instructions import RoundInstruction
@@ -99,13 +100,17 @@ def train_model(
     return result.loss, result.num_examples, result.steps
 
 
+def _eval_loader(data: ImageData, train: TrainConfig, task: TaskSpec, batch_size: int):
+    return make_loader(
+        _dataset(data, train, task, 0, augment=False), batch_size, shuffle=False, seed=0
+    )
+
+
 def evaluate_on(
     model: nn.Module, data: ImageData, train: TrainConfig, task: TaskSpec, batch_size: int = 256
 ):
     """Evaluate ``model`` on ``data``: returns an :class:`~consilia.common.engine.EvalResult`."""
-    loader = make_loader(
-        _dataset(data, train, task, 0, augment=False), batch_size, shuffle=False, seed=0
-    )
+    loader = _eval_loader(data, train, task, batch_size)
     loss_fn = build_loss(train.loss, task.num_classes, None, train.focal_gamma)
     return evaluate_model(model, loader, loss_fn)
 
@@ -189,6 +194,20 @@ class SiteTrainer:
             "f1": float(head["f1"]),
             "num-examples": res.num_examples,
         }
+
+
+    def feature_stats(
+        self, state: OrderedDict, instr: RoundInstruction, min_class_count: int
+    ) -> FeatureStats:
+        """Per-class sums of the global model's head-input features over the training split.
+
+        Classes with fewer than ``min_class_count`` images here are withheld (zeros).
+        """
+        if not len(self.train_data):
+            raise ValueError(f"site {self.name} has no training images")
+        model = self._model(instr, state)
+        loader = _eval_loader(self.train_data, instr.train, instr.task, 256)
+        return collect_feature_stats(model, loader, instr.task.num_classes, min_class_count)
 
 
 def _finite(value: float) -> float:

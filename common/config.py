@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "AugmentationConfig",
     "BaselinesConfig",
+    "CalibrationConfig",
     "ConfigError",
     "DataConfig",
     "DPConfig",
@@ -153,6 +154,23 @@ class TrainConfig(StrictModel):
     num_threads: int | None = Field(None, ge=1, description="torch threads (None = auto)")
 
 
+class CalibrationConfig(StrictModel):
+    """Classifier calibration after the last round (CCVR; see :mod:`consilia.common.calibration`).
+
+    Sites send per-class sums of the head's input features; the coordinator re-fits the
+    classifier head on virtual features drawn from the pooled class Gaussians.
+    """
+
+    enabled: bool = False
+    virtual_per_class: int = Field(2000, ge=10, le=100_000)
+    epochs: int = Field(100, ge=1, le=10_000)
+    lr: float = Field(0.04, gt=0)
+    batch_size: int = Field(256, ge=1)
+    min_sites: int | None = Field(
+        None, ge=1, description="sites that must send statistics (None = min_train_sites)"
+    )
+
+
 class StrategyConfig(StrictModel):
     """The server-side aggregation strategy and round schedule."""
 
@@ -169,6 +187,7 @@ class StrategyConfig(StrictModel):
     server_beta_1: float = Field(0.9, ge=0, lt=1)
     server_beta_2: float = Field(0.99, ge=0, lt=1)
     server_tau: float = Field(1e-3, gt=0)
+    calibration: CalibrationConfig = CalibrationConfig()
 
 
 class DPConfig(StrictModel):

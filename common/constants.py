@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["MessageKey", "MetricKey", "RunConfigKey", "NodeConfigKey", "ConfigKey"]
+__all__ = ["ConfigKey", "MessageKey", "MetricKey", "NodeConfigKey", "QueryName", "RunConfigKey"]
 
 
 class RunConfigKey(StrEnum):
@@ -43,6 +43,13 @@ class ConfigKey(StrEnum):
     RUN_NAME = "run-name"
     TOTAL_ROUNDS = "total-rounds"
     PROXIMAL_MU = "proximal-mu"
+    QUERY = "consilia-query"
+
+
+class QueryName(StrEnum):
+    """What a ``query`` message asks a site for (``ConfigKey.QUERY``)."""
+
+    FEATURE_STATS = "feature-stats"
 
 
 class MetricKey(StrEnum):

@@ -46,7 +46,15 @@ def run_federation(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
         evaluate_config=RoundInstruction.base_config(run),
         evaluate_fn=recorder.evaluate,
     )
-    final = recorder.finish(result.arrays)
+    arrays = result.arrays
+    if run.strategy.calibration.enabled:
+        from consilia.server.calibration import calibrate_classifier
+
+        if arrays is None or len(arrays) == 0:
+            arrays = arrays_from_model(recorder.model)
+        arrays, outcome = calibrate_classifier(grid, run, arrays, recorder)
+        recorder.note_calibration(outcome.to_dict())
+    final = recorder.finish(arrays)
     (run_dir / "federated_metrics.json").write_text(json.dumps(final, indent=2))
     return final
 

@@ -54,6 +54,10 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
 class RunRecorder:
     """Collect what happens in each round and write the run directory.
 
@@ -76,6 +80,8 @@ class RunRecorder:
         self._pending: dict[str, Any] = {}
         self._start = time.perf_counter()
         self.last_eval = None
+        self.calibration: dict[str, Any] | None = None
+        self._names: dict[int, str] = {}  # node id -> site name, learnt from replies
         (self.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         self._jsonl = self.run_dir / "metrics" / "rounds.jsonl"
@@ -84,11 +90,20 @@ class RunRecorder:
                                     flatten(run.model_dump(mode="json")))
 
     # -- replies -------------------------------------------------------------------
+    def name_of(self, msg: Message) -> str:
+        """Return the site name of a reply; an error reply gets the name its node used before."""
+        name = site_name(msg)
+        node = int(msg.metadata.src_node_id)
+        if msg.has_error() or not msg.has_content():
+            return self._names.get(node, name)
+        self._names[node] = name
+        return name
+
     def record_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> None:
         """Store each site's metrics (and each refusal's reason) for ``server_round``."""
         sites = self._pending.setdefault("sites", {})
         for msg in replies:
-            name = site_name(msg)
+            name = self.name_of(msg)
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
                 self._pending.setdefault("errors", []).append(
@@ -157,6 +172,10 @@ class RunRecorder:
             writer.writeheader()
             writer.writerows(rows)
 
+    def note_calibration(self, outcome: dict[str, Any]) -> None:
+        """Record what the classifier calibration after the last round did."""
+        self.calibration = outcome
+
     # -- end of run -----------------------------------------------------------------
     def finish(self, final_arrays: ArrayRecord | None) -> dict[str, Any]:
         """Write the final model, predictions, metrics and plots; return final metrics."""
@@ -179,12 +198,22 @@ class RunRecorder:
             )
             metrics = compute_metrics(res.y_true, res.y_prob, self.run.task.class_names)
             final["federated"] = metrics.to_dict()
+            if self.calibration is not None and self.calibration.get("applied") \
+                    and self.last_eval is not None and not reuse:
+                before = compute_metrics(self.last_eval.y_true, self.last_eval.y_prob,
+                                         self.run.task.class_names)
+                final["federated_before_calibration"] = before.to_dict()
+                logger.info("calibration: test accuracy %.4f -> %.4f, AUC %s -> %s",
+                            before.accuracy, metrics.accuracy, _fmt(before.auc),
+                            _fmt(metrics.auc))
             (self.run_dir / "predictions").mkdir(exist_ok=True)
             np.savez_compressed(self.run_dir / "predictions" / "federated.npz",
                                 y_true=res.y_true, y_prob=res.y_prob)
             plot_confusion_matrix(metrics.confusion_matrix, self.run.task.class_names,
                                   self.run_dir / "plots" / "confusion_matrix.png",
                                   title="global model, test split")
+        if self.calibration is not None:
+            final["calibration"] = self.calibration
         plot_learning_curves(self.rounds, self.run_dir / "plots" / "learning_curves.png")
         if self.tracker is not None:
             self.tracker.close()

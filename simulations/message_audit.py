@@ -7,6 +7,8 @@ simulation too, because the wrapper travels to the Ray workers with the app.
 
 - an ``ArrayRecord`` ``"arrays"`` (training replies only) whose keys, shapes and floating
   dtypes are exactly the model's ``state_dict``;
+- for a classifier-calibration ``query`` reply instead: exactly the per-class aggregates
+  ``counts`` (C,), ``sums`` (C, D) and ``outer-sums`` (C, D, D) of the head's input features;
 - a ``MetricRecord`` ``"metrics"`` of scalar numbers (no lists);
 - a ``ConfigRecord`` ``"site"`` holding only ``{"name": <site name>}``;
 - nothing else: no other record, so no image, label or per-example array can leave the site.
@@ -51,6 +53,7 @@ def recording_client_app(base: ClientApp, out_dir: Path) -> ClientApp:
 
     app.train()(_run)
     app.evaluate()(_run)
+    app.query()(_run)
     return app
 
 
@@ -76,7 +79,8 @@ def audit_reply(
     expected_arrays : mapping
         The model's ``state_dict`` keys and shapes.
     message_type : str
-        ``"train"`` (weights expected) or ``"evaluate"`` (no arrays allowed).
+        ``"train"`` (weights expected), ``"evaluate"`` (no arrays allowed) or ``"query"``
+        (per-class feature aggregates only).
 
     """
     problems: list[str] = []
@@ -84,12 +88,15 @@ def audit_reply(
         return problems  # an error reply carries a reason string only, no content
     content = reply.content
     allowed = {MessageKey.METRICS.value, MessageKey.SITE.value}
-    if message_type == "train":
+    if message_type in ("train", "query"):
         allowed.add(MessageKey.ARRAYS.value)
     extra = set(content.keys()) - allowed
     if extra:
         problems.append(f"unexpected record(s) {sorted(extra)}")
     for name, record in content.array_records.items():
+        if name == MessageKey.ARRAYS.value and message_type == "query":
+            problems.extend(_audit_feature_stats(record))
+            continue
         if name != MessageKey.ARRAYS.value or message_type != "train":
             problems.append(f"array record '{name}' in a {message_type} reply")
             continue
@@ -118,4 +125,22 @@ def audit_reply(
         if set(record.keys()) != {"name"} or not isinstance(record.get("name"), str):
             problems.append(f"site record holds {json.dumps(sorted(record.keys()))}, "
                             "expected only the site name")
+    return problems
+
+
+def _audit_feature_stats(record: Mapping) -> list[str]:
+    """Check a calibration reply holds only per-class aggregates of consistent shapes."""
+    keys = set(record.keys())
+    if keys != {"counts", "sums", "outer-sums"}:
+        return [f"feature-statistics reply holds arrays {sorted(keys)}, expected "
+                "['counts', 'outer-sums', 'sums']"]
+    counts, sums, outer = (tuple(record[k].shape) for k in ("counts", "sums", "outer-sums"))
+    problems = []
+    if len(counts) != 1 or len(sums) != 2 or sums[0] != counts[0] \
+            or outer != (sums[0], sums[1], sums[1]):
+        problems.append(f"feature-statistics shapes are not per-class aggregates: counts "
+                        f"{counts}, sums {sums}, outer-sums {outer}")
+    for key in ("counts", "sums", "outer-sums"):
+        if record[key].dtype not in _FLOAT_DTYPES:
+            problems.append(f"array '{key}' has dtype {record[key].dtype}")
     return problems

@@ -84,7 +84,11 @@ def comparison_table(final: dict[str, Any]) -> str:
     columns = ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity")
     rows: list[tuple[str, dict]] = []
     if "federated" in final:
-        rows.append(("federated", final["federated"]))
+        calibrated = (final.get("calibration") or {}).get("applied")
+        rows.append(("federated (calibrated)" if calibrated else "federated",
+                     final["federated"]))
+    if "federated_before_calibration" in final:
+        rows.append(("  before calibration", final["federated_before_calibration"]))
     if "centralized" in final:
         rows.append(("centralized", final["centralized"]))
     local = final.get("local_only") or {}

@@ -119,7 +119,8 @@ def test_client_without_tls_is_refused(federation):
 def test_fedprox_three_rounds_survive_a_site_killed_mid_round(federation):
     fed, classes = federation
     run_dir = fed.root / "runs" / "fedprox"
-    config = _write_run(fed, classes, "fedprox")
+    config = _write_run(fed, classes, "fedprox",
+                        strategy={"calibration": {"enabled": True, "epochs": 10}})
     proc = subprocess.Popen(
         [sys.executable, "-m", "consilia.server.cli", "--state-dir", str(fed.state_dir), "run",
          str(config), "--out", str(run_dir), "--test-set", str(fed.root / "test_set.npz"),
@@ -165,6 +166,12 @@ def test_fedprox_three_rounds_survive_a_site_killed_mid_round(federation):
 
     model, run, _meta = load_checkpoint(run_dir / "global_model.pt")
     assert run.task.class_names == classes and run.strategy.name == "fedprox"
+    # classifier calibration ran through the sites' long-lived ClientApp processes (query
+    # messages) with the two surviving sites; site-c's node did not answer
+    calibration = json.loads((run_dir / "federated_metrics.json").read_text())["calibration"]
+    assert calibration["applied"], calibration
+    assert calibration["sites"] == ["site-a", "site-b"]
+    assert "calibration: classifier head re-fitted" in out
     # progress was streamed round by round
     for rnd in (1, 2, 3):
         assert f"[round {rnd}/3]" in out
