@@ -66,8 +66,10 @@ Example (every optional field shown with its default, except where marked)::
     runtime:
       isolation: process                  # subprocess = Flower's default (no approval)
       runtime_port: 9094                  # 127.0.0.1 only
-      task_poll_interval_s: 0.2
-      superlink_poll_interval_s: 1.0
+      task_poll_interval_s: 0.2          # idle pace of the ClientApp process
+      superlink_poll_interval_s: 1.0     # idle pace of the SuperNode
+      active_poll_interval_s: 0.1        # both, during a run
+      active_window_s: 60
       max_backoff_s: 300
 """
 
@@ -306,6 +308,15 @@ class RuntimeSettings(StrictModel):
     superlink_poll_interval_s: float = Field(
         1.0, ge=0.2, le=60, description="idle wait between the SuperNode's polls of the "
         "coordinator (Flower's default: 3 s); smaller answers rounds faster"
+    )
+    active_poll_interval_s: float = Field(
+        0.1, ge=0.02, le=60, description="while a run is active (a task handled in the last "
+        "active_window_s), the SuperNode polls the coordinator and the ClientApp process "
+        "polls the SuperNode this often; rounds then start within ~0.1 s"
+    )
+    active_window_s: float = Field(
+        60.0, ge=0, le=3600, description="how long after the last task the site keeps "
+        "polling at the active pace before falling back to the idle intervals"
     )
     max_backoff_s: float = Field(300.0, ge=1, description="longest wait between reconnects")
 

@@ -125,6 +125,11 @@ class SiteWorker:
         Shared secret the SuperNode was started with (``--superexec-auth-secret-file``).
     poll_interval_s : float
         Wait between task requests when idle.
+    active_poll_interval_s : float, optional
+        Wait between task requests within ``active_window_s`` of the last task (a run is
+        going on and its next message is due soon); default ``poll_interval_s``.
+    active_window_s : float
+        How long after a task the worker keeps the active pace.
 
     """
 
@@ -134,12 +139,20 @@ class SiteWorker:
         runtime_api_address: str,
         secret: bytes | None = None,
         poll_interval_s: float = 0.2,
+        active_poll_interval_s: float | None = None,
+        active_window_s: float = 60.0,
     ) -> None:
         self.config_path = Path(config_path)
         self.config = load_site_config(self.config_path)
         self.address = runtime_api_address
         self.secret = secret
         self.poll_interval_s = poll_interval_s
+        self.active_poll_interval_s = min(
+            poll_interval_s if active_poll_interval_s is None else active_poll_interval_s,
+            poll_interval_s,
+        )
+        self.active_window_s = active_window_s
+        self._last_task = float("-inf")
         self.stop_event = threading.Event()
         self._app: Any = None
         self._runs_seen: list[int] = []
@@ -218,10 +231,17 @@ class SiteWorker:
                 connected, backoff = True, 0.5
                 if res.HasField("task") and res.token:
                     self.execute(res.token)
+                    self._last_task = time.monotonic()
                     continue
-                self.stop_event.wait(self.poll_interval_s)
+                self.stop_event.wait(self.current_poll_interval())
         finally:
             acquire.close()
+
+    def current_poll_interval(self) -> float:
+        """Return the wait before the next task request: short during a run, long when idle."""
+        if time.monotonic() - self._last_task < self.active_window_s:
+            return self.active_poll_interval_s
+        return self.poll_interval_s
 
     # -- one task -------------------------------------------------------------------------
 
@@ -445,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_site_logging(config, args.verbose)
     secret = args.secret_file.read_bytes() if args.secret_file else None
     worker = SiteWorker(
-        args.site, args.runtime_api_address, secret, config.runtime.task_poll_interval_s
+        args.site, args.runtime_api_address, secret, config.runtime.task_poll_interval_s,
+        config.runtime.active_poll_interval_s, config.runtime.active_window_s,
     )
 
     def _stop(signum: int, _frame: Any) -> None:

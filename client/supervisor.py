@@ -194,7 +194,9 @@ class SiteSupervisor:
         node_config = f"{NodeConfigKey.SITE_CONFIG.value}={json.dumps(str(self.config_path))}"
         argv = [
             sys.executable, "-m", "consilia.client.supernode_launch",
-            "--poll-interval", str(runtime.superlink_poll_interval_s), "--",
+            "--poll-interval", str(runtime.superlink_poll_interval_s),
+            "--active-poll-interval", str(runtime.active_poll_interval_s),
+            "--active-window", str(runtime.active_window_s), "--",
             "--superlink", coord.address,
             "--root-certificates", str(coord.ca_certificate),
             "--auth-supernode-private-key", str(coord.auth_key),

@@ -1,14 +1,17 @@
 """Benchmark: what the real deployment adds to a round, and what a site sends per round.
 
 Runs the same federation (3 sites, the same MedNIST images and splits, the same model and
-rounds) four ways and compares the time per round (rounds 2..R; round 1 holds start-up):
+rounds) in Flower's simulation engine (``fl-sim``'s path, Ray, one process) and as a real
+deployment (``fl-server`` with TLS + site keys, three ``fl-client`` sites on 127.0.0.1), and
+compares the time per round (rounds 2..R; round 1 holds start-up). Deployment modes
+(``--modes``, default the first two, ``all`` for every one):
 
-1. Flower's simulation engine (``fl-sim``'s path, Ray, in one process);
-2. ``fl-server`` (TLS + site keys) and three ``fl-client`` sites on 127.0.0.1 with the site's
-   long-lived ClientApp process, but Flower's plain 3 s reply polling at the coordinator;
-3. the deployment as shipped: the same plus :class:`~consilia.server.fast_grid.FastPollGrid`;
-4. the deployment with Flower's defaults: a fresh ``flwr-clientapp`` process per task and the
-   SuperNode's 3 s idle poll.
+- as shipped: the site's long-lived ClientApp process, adaptive site polling (fast while a
+  run is active) and the coordinator's :class:`~consilia.server.fast_grid.FastPollGrid`;
+- fixed 1 s site polling: the same with the SuperNode and ClientApp process polling at a fixed
+  pace (what the site did before adaptive polling);
+- plus Flower's 3 s coordinator reply polling (no FastPollGrid);
+- Flower's defaults: a fresh ``flwr-clientapp`` process per task, 3 s polls everywhere.
 
 It also reports the bytes each site sent and received per round (the SuperLink's traffic
 counters) against the model's size. Usage::
@@ -42,12 +45,17 @@ __all__ = ["main", "per_round_seconds", "report", "run_benchmark"]
 
 SITES = ["site-00", "site-01", "site-02"]
 MODES = {
-    "deploy: long-lived site process": {"isolation": "process", "poll": 1.0, "fast": False},
-    "deploy: long-lived + fast coordinator poll": {"isolation": "process", "poll": 1.0,
-                                                   "fast": True},
+    "deploy: as shipped (adaptive site polling)": {"isolation": "process", "poll": 1.0,
+                                                   "active": 0.1, "fast": True},
+    "deploy: fixed 1 s site polling": {"isolation": "process", "poll": 1.0, "active": 1.0,
+                                       "fast": True},
+    "deploy: + Flower's 3 s coordinator polling": {"isolation": "process", "poll": 1.0,
+                                                   "active": 1.0, "fast": False},
     "deploy: Flower defaults (process per task)": {"isolation": "subprocess", "poll": 3.0,
-                                                   "fast": False},
+                                                   "active": 3.0, "fast": False},
 }
+#: Modes run when ``--modes`` is not given (the others are kept for the record).
+DEFAULT_MODES = ["deploy: as shipped (adaptive site polling)", "deploy: fixed 1 s site polling"]
 
 
 def per_round_seconds(run_dir: Path) -> list[float]:
@@ -110,7 +118,9 @@ def _deploy(fed: LocalFederation, run_yaml: Path, folders: list[Path], name: str
     for site, folder in zip(SITES, folders, strict=True):
         fed.write_site_config(site, folder, policy={"allowed_models": [mode["model"]]},
                               runtime={"isolation": mode["isolation"],
-                                       "superlink_poll_interval_s": mode["poll"]},
+                                       "superlink_poll_interval_s": mode["poll"],
+                                       "active_poll_interval_s": mode["active"],
+                                       "task_poll_interval_s": 0.2},
                               resources={"threads": 1})
         fed.start_site(site)
     fed.wait_online(SITES, timeout_s=300)
@@ -218,15 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--model", default="cnn", help="registered model (e.g. resnet18)")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help="comma-separated deployment modes (default: all)")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help="comma-separated deployment modes, or 'all' (default: "
+                        + "; ".join(DEFAULT_MODES) + ")")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="consilia-bench-deploy-"))
     try:
-        results = run_benchmark(args.per_site, args.rounds, args.epochs, work,
-                                [m.strip() for m in args.modes.split(",") if m.strip()],
+        modes = list(MODES) if args.modes == "all" else [
+            m.strip() for m in args.modes.split(",") if m.strip()]
+        unknown = [m for m in modes if m not in MODES]
+        if unknown:
+            parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+        results = run_benchmark(args.per_site, args.rounds, args.epochs, work, modes,
                                 args.model)
     finally:
         if not args.keep:

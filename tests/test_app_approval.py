@@ -164,3 +164,19 @@ def test_worker_refusal_text_names_the_site_once():
     assert _failure_text("hospital-a", ValueError("bad")) == (
         "site 'hospital-a' failed the task: ValueError: bad"
     )
+
+
+def test_worker_asks_for_tasks_quickly_right_after_one_and_slowly_when_idle(tmp_path, monkeypatch):
+    from consilia.client import site_worker as module
+
+    site = write_site(tmp_path / "site")
+    worker = module.SiteWorker(site, "127.0.0.1:1", None, poll_interval_s=0.5,
+                               active_poll_interval_s=0.05, active_window_s=60)
+    assert worker.current_poll_interval() == 0.5  # no task yet
+    now = [5000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    worker._last_task = now[0]
+    now[0] += 10
+    assert worker.current_poll_interval() == 0.05
+    now[0] += 51
+    assert worker.current_poll_interval() == 0.5

@@ -257,16 +257,45 @@ def test_supernode_exit_codes_are_explained():
     assert explain_supernode_exit(-9) == "killed by signal 9"
 
 
-def test_supernode_poll_cap_only_touches_flowers_loop(monkeypatch):
+def test_supernode_poll_tuning_only_touches_flowers_loop(monkeypatch):
     from flwr.supernode import start_client_internal as loop
 
     monkeypatch.setattr(loop, "time", time)
-    assert supernode_launch.cap_supernode_poll(0.01)
+    assert supernode_launch.tune_supernode_poll(0.01, 0.01, 60)
     start = time.monotonic()
-    loop.time.sleep(3)  # Flower's idle wait, now capped
+    loop.time.sleep(3)  # Flower's idle wait, now shortened
     assert time.monotonic() - start < 1
     assert loop.time.time() == pytest.approx(time.time(), abs=1)
     assert time.sleep is not loop.time.sleep  # the real module is untouched
+
+
+def test_supernode_polls_fast_during_a_run_and_slowly_when_idle():
+    now = [1000.0]
+    slept: list[float] = []
+    poll = supernode_launch.AdaptivePollTime(1.0, 0.1, 60.0, clock=lambda: now[0],
+                                             sleeper=slept.append)
+    poll.sleep(3)  # idle: Flower's 3 s becomes the idle interval
+    assert slept[-1] == 1.0 and not poll.active
+    poll.sleep(0.5)  # waiting for the ClientApp's reply: a run is active
+    assert slept[-1] == 0.1 and poll.active
+    now[0] += 30
+    poll.sleep(3)  # within the window: next message picked up quickly
+    assert slept[-1] == 0.1
+    now[0] += 31
+    poll.sleep(3)  # 61 s after the last reply: back to the idle pace
+    assert slept[-1] == 1.0 and not poll.active
+
+
+def test_supervisor_passes_the_poll_settings_to_the_supernode(tmp_path):
+    path = write_site(tmp_path / "site")
+    config = load_site_config(path)
+    config.runtime.superlink_poll_interval_s = 2.0
+    config.runtime.active_poll_interval_s = 0.05
+    config.runtime.active_window_s = 30
+    cmd = SiteSupervisor(config, path).supernode_command()
+    cut = cmd.index("--")
+    assert cmd[cut - 6:cut] == ["--poll-interval", "2.0", "--active-poll-interval", "0.05",
+                                "--active-window", "30.0"]
 
 
 def test_supervisor_restarts_a_child_that_exits_with_back_off(tmp_path, caplog):
