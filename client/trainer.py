@@ -175,6 +175,9 @@ class SiteTrainer:
         if privacy is not None:
             metrics["dp-enabled"] = 1.0
             metrics["epsilon"] = float(privacy.spent_epsilon())  # type: ignore[attr-defined]
+            metrics["delta"] = float(
+                privacy.effective_delta(len(self.train_data))  # type: ignore[attr-defined]
+            )
         inner = getattr(model, "_module", model)
         return clean_state_dict(inner.state_dict()), metrics
 

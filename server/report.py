@@ -695,7 +695,10 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 def _section_comparison(run: RunDir, ctx: dict[str, Any]) -> str:
     final = run.json("final_metrics.json")
     rows: list[tuple[str, dict[str, float], bool]] = []  # (label, metrics, per-site row)
-    for key, label in (("federated", "federated (global model)"), ("centralized", "centralized")):
+    for key, label in (("federated", "federated (global model)"),
+                       ("federated_before_calibration",
+                        "federated, last round before classifier calibration"),
+                       ("centralized", "centralized")):
         if isinstance(final.get(key), dict):
             rows.append((label, _scalars(final[key]), False))
     local = final.get("local_only") or {}
@@ -725,7 +728,24 @@ def _section_comparison(run: RunDir, ctx: dict[str, Any]) -> str:
         ax.set_title("test split", fontsize=10)
         fig.tight_layout()
         out += _figure(fig, "federated vs centralized vs local-only")
-    return out + _note("All models are scored on the same common test split.")
+    return out + _calibration_note(final.get("calibration")) + _note(
+        "All models are scored on the same common test split.")
+
+
+def _calibration_note(outcome: Any) -> str:
+    """Say what the classifier calibration after the last round did (if the run asked)."""
+    if not isinstance(outcome, dict):
+        return ""
+    declined = outcome.get("declined") or {}
+    why = "; ".join(f"{site}: {reason}" for site, reason in sorted(declined.items()))
+    if outcome.get("applied"):
+        text = (f"Classifier calibration: the head was re-fitted on "
+                f"{outcome.get('virtual_per_class')} virtual features per class from the "
+                f"per-class feature statistics of {len(outcome.get('sites') or [])} site(s) "
+                f"({outcome.get('images')} images).")
+    else:
+        text = f"Classifier calibration was not applied: {outcome.get('reason', '')}"
+    return _note(text + (f" Declined: {why}." if why else ""))
 
 
 _SECTIONS: dict[str, Callable[[RunDir, dict[str, Any]], str]] = {

@@ -49,6 +49,8 @@ def test_local_dp_federation_in_process_reports_epsilon_and_sends_only_weights(
         entry = PrivacyLedger(sim_ledger_path(result.run_dir, site)).entry(site)
         assert [r.server_round for r in entry.rounds] == [1, 2, 3]
         assert entry.epsilon_spent == pytest.approx(eps[-1])
+        deltas = {r["sites"][site]["delta"] for r in rounds[1:]}
+        assert len(deltas) == 1 and 0 < deltas.pop() <= 1e-5  # min(1e-5, 1/(10 n))
 
     run = cfg.run_config().model_copy(update={"task": TaskSpec.model_validate_json(
         (result.run_dir / "task.json").read_text())})

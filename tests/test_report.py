@@ -136,3 +136,19 @@ def test_cli(tmp_path, run_dir, capsys):
     assert out.is_file() and str(out) in capsys.readouterr().out
     assert main([str(tmp_path / "no-such-run")]) == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+def test_comparison_shows_the_model_before_calibration_and_who_declined(tmp_path):
+    run_dir = make_run_dir(tmp_path / "calibrated", dp=False)
+    final_path = run_dir / "final_metrics.json"
+    final = json.loads(final_path.read_text())
+    final["federated_before_calibration"] = {**final["federated"], "accuracy": 0.4321}
+    final["calibration"] = {"applied": True, "sites": ["site-00"], "images": 80,
+                            "virtual_per_class": 2000,
+                            "declined": {"site-01": "this site trains with local DP"}}
+    final_path.write_text(json.dumps(final))
+    build_report(run_dir, n_boot=20, gallery=1)
+    comparison = " ".join(_parse(run_dir / "report.html").sections["comparison"])
+    assert "last round before classifier calibration" in comparison and "0.432" in comparison
+    assert "2000 virtual features per class" in comparison
+    assert "site-01: this site trains with local DP" in comparison
