@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["format_round", "readable_reason"]
+__all__ = ["format_final", "format_round", "readable_reason"]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -64,4 +64,33 @@ def format_round(
         site = str(err.get("site"))
         lines.append(f"    ! {names.get(site, site)} {err.get('phase')} failed: "
                      f"{readable_reason(str(err.get('reason')))}")
+    return lines
+
+
+def format_final(final: dict[str, Any], site_names: dict[str, str] | None = None) -> list[str]:
+    """Human lines for ``federated_metrics.json``: calibration outcome and final test metrics."""
+    names = site_names or {}
+    lines = []
+    cal = final.get("calibration")
+    if isinstance(cal, dict):
+        declined = "; ".join(f"{names.get(site, site)}: {readable_reason(why)}"
+                             for site, why in sorted((cal.get("declined") or {}).items()))
+        if cal.get("applied"):
+            used = ", ".join(names.get(s, s) for s in cal.get("sites") or [])
+            lines.append(f"calibration: classifier head re-fitted from the feature statistics "
+                         f"of {len(cal.get('sites') or [])} site(s) ({used}), "
+                         f"{cal.get('images')} images")
+        else:
+            lines.append(f"calibration: not applied: {cal.get('reason', '')}")
+        if declined:
+            lines.append(f"  ! declined: {declined}")
+    fed = final.get("federated")
+    if isinstance(fed, dict):
+        text = (f"final global model on the test split: accuracy {_fmt(fed.get('accuracy'))}, "
+                f"AUC {_fmt(fed.get('auc'))}")
+        before = final.get("federated_before_calibration")
+        if isinstance(before, dict):
+            text += (f" (before calibration: accuracy {_fmt(before.get('accuracy'))}, "
+                     f"AUC {_fmt(before.get('auc'))})")
+        lines.append(text)
     return lines

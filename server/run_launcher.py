@@ -31,7 +31,7 @@ from consilia.common.constants import RunConfigKey
 from consilia.common.environment import library_versions
 from consilia.common.flower_app import write_flower_app
 from consilia.server.operator import FlowerOperator
-from consilia.server.progress import format_round, readable_reason
+from consilia.server.progress import format_final, format_round, readable_reason
 
 __all__ = [
     "RunTimeoutError",
@@ -226,6 +226,9 @@ def follow_run(
             last_status = now
             if str(info.get("status", "")).startswith("finished"):
                 drain()
+                if done_marker.is_file():
+                    for text in format_final(json.loads(done_marker.read_text()), site_names):
+                        emit(text)
                 break
         if timeout_s is not None and now - start > timeout_s:
             raise RunTimeoutError(f"run {run_id} still {info.get('status', 'running')} after "

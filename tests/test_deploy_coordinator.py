@@ -259,6 +259,24 @@ def test_round_lines_name_failures_readably():
     assert readable_reason("plain text") == "plain text"
 
 
+def test_final_lines_report_calibration_and_test_metrics():
+    from consilia.server.progress import format_final
+
+    final = {"federated": {"accuracy": 0.97, "auc": 0.998},
+             "federated_before_calibration": {"accuracy": 0.8, "auc": 0.97},
+             "calibration": {"applied": True, "sites": ["site-a", "site-b"], "images": 240,
+                             "declined": {"node-9": "<class 'consilia.client.site_config."
+                                          "SitePolicyViolation'>:<'no statistics'>"}}}
+    lines = format_final(final, {"node-9": "site-c"})
+    assert lines[0] == ("calibration: classifier head re-fitted from the feature statistics of "
+                        "2 site(s) (site-a, site-b), 240 images")
+    assert lines[1] == "  ! declined: site-c: SitePolicyViolation: no statistics"
+    assert lines[2] == ("final global model on the test split: accuracy 0.9700, AUC 0.9980 "
+                        "(before calibration: accuracy 0.8000, AUC 0.9700)")
+    skipped = format_final({"calibration": {"applied": False, "reason": "only 1 of 2"}})
+    assert skipped == ["calibration: not applied: only 1 of 2"]
+
+
 # -- reverse proxy ------------------------------------------------------------------------------
 def test_proxy_template_renders_fleet_open_control_restricted(tmp_path):
     allow = operators_allow_file(["10.20.0.0/24", "192.0.2.7"])
