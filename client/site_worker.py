@@ -393,7 +393,7 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
         ),
         return_type=Message,
         initial_backoff=0.05,
-        backoff_cap=1.0,
+        backoff_cap=0.2,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's own pull does
     return message, context, run, fab

@@ -7,8 +7,9 @@ site even sees it, plus up to 0.5 s before the reply leaves. This launcher repla
 ``time`` module of that one loop (nothing else in the process is affected) with
 :class:`AdaptivePollTime`: while a run is active (a message was handled in the last
 ``active_window_s``) the SuperNode polls every ``active_s`` and checks for the reply at the
-same pace; when idle it polls every ``idle_s``. Then it runs the ordinary ``flower-supernode``
-command line::
+same pace; when idle it polls every ``idle_s``. It also makes the loop's object pulls retry
+after 50 ms instead of 1 s (:mod:`consilia.common.object_pulls`). Then it runs the ordinary
+``flower-supernode`` command line::
 
     python -m consilia.client.supernode_launch --poll-interval 1.0 \
         --active-poll-interval 0.1 --active-window 60 -- <flower-supernode args>
@@ -26,6 +27,8 @@ import time
 import types
 from collections.abc import Callable
 from typing import Any
+
+from consilia.common.object_pulls import quicker_object_pulls
 
 __all__ = ["AdaptivePollTime", "main", "tune_supernode_poll"]
 
@@ -96,6 +99,7 @@ def tune_supernode_poll(idle_s: float, active_s: float, window_s: float) -> bool
         log.warning("Flower's SuperNode loop changed: poll interval unchanged")
         return False
     loop.time = AdaptivePollTime(idle_s, active_s, window_s)  # type: ignore[assignment]
+    quicker_object_pulls(loop)  # the model's arrays: retry after 50 ms, not 1 s
     return True
 
 

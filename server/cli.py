@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     certs = None if args.insecure else CoordinatorCerts.from_dir(args.certs)
     settings = SuperLinkSettings(state_dir=Path(args.state_dir).resolve(), certs=certs,
                                  host=args.host, port=args.port, insecure=args.insecure,
-                                 memory_state=args.memory_state)
+                                 memory_state=not args.sqlite_state)
     write_connection(_flwr_home(settings.state_dir),
                      Connection(settings.local_address, certs.ca if certs else None))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -98,6 +99,11 @@ def _cmd_start(args: argparse.Namespace) -> int:
                          proc, None if args.foreground else settings.log_file)
         mode = "INSECURE (no TLS, no site authentication)" if args.insecure else (
             "TLS + site-key authentication")
+        if settings.memory_state:
+            for line in restore_registered_sites(
+                    SiteRegistry(settings.state_dir / "sites.json"),
+                    FlowerOperator(_flwr_home(settings.state_dir))):
+                print(line, flush=True)
         print(f"coordinator ready on {args.host}:{args.port}, {mode}; state in "
               f"{settings.state_dir}" + ("" if args.foreground else
                                          f", log {settings.log_file}"), flush=True)
@@ -111,12 +117,42 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
 
 # -- sites -------------------------------------------------------------------------------------
+def restore_registered_sites(registry: SiteRegistry, operator: FlowerOperator) -> list[str]:
+    """Register every site of ``registry`` with a fresh (in-memory) SuperLink again.
+
+    Returns the lines to print. Sites recorded without their key (registered by an older
+    version) are named, with what to do.
+    """
+    restored, missing, failed = [], [], []
+    for entry in registry.load():
+        if not entry.public_key:
+            missing.append(entry.name)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            key = Path(tmp) / f"{entry.name}.pub"
+            key.write_text(entry.public_key + "\n")
+            try:
+                registry.set_node_id(entry.name, operator.register_node(key, entry.name))
+                restored.append(entry.name)
+            except OperatorError as exc:
+                failed.append(f"{entry.name} ({exc})")
+    lines = []
+    if restored:
+        lines.append(f"registered {len(restored)} site(s) again: {', '.join(restored)}")
+    if missing:
+        lines.append(f"warning: no stored key for {', '.join(missing)}: run 'fl-server "
+                     "unregister-site NAME' and 'register-site KEY.pub --name NAME' again")
+    if failed:
+        lines.append(f"warning: could not register again: {'; '.join(failed)}")
+    return lines
+
+
 def _cmd_register(args: argparse.Namespace) -> int:
     registry = SiteRegistry(Path(args.state_dir) / "sites.json")
-    _, fingerprint = read_public_key(args.public_key)
+    key_line, fingerprint = read_public_key(args.public_key)
     registry.check_new(args.name, fingerprint)
     node_id = _operator(args).register_node(args.public_key, args.name)
-    registry.add(args.name, node_id, fingerprint)
+    registry.add(args.name, node_id, fingerprint, key_line)
     print(f"registered site '{args.name}' as node {node_id} (key {fingerprint})")
     return 0
 
@@ -267,9 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9093, help="listen port (default 9093)")
     p.add_argument("--insecure", action="store_true",
                    help="NO TLS and NO site authentication (isolated tests only)")
+    p.add_argument("--sqlite-state", action="store_true",
+                   help="keep the SuperLink's messages and runs in SQLite (<state>/superlink.db) "
+                        "instead of memory; rounds are slower (docs/deployment.md). Either way "
+                        "registered sites come back after a restart (<state>/sites.json)")
     p.add_argument("--memory-state", action="store_true",
-                   help="keep the SuperLink's state in memory instead of SQLite (faster with "
-                        "large models; sites must be registered again after a restart)")
+                   help=argparse.SUPPRESS)  # the default since SQLite became opt-in
     p.add_argument("--foreground", action="store_true",
                    help="print the SuperLink's log here instead of <state>/superlink.log")
     p.add_argument("--ready-timeout", type=float, default=60.0, help=argparse.SUPPRESS)

@@ -1,8 +1,9 @@
-"""The coordinator's list of registered sites: name, node id and public-key fingerprint.
+"""The coordinator's list of registered sites: name, node id, public key and its fingerprint.
 
-The SuperLink stores the keys themselves (only registered keys may join); Flower's node list
-shows node ids only, so the coordinator keeps the human names here
-(``<state>/sites.json``).
+The SuperLink stores the keys it lets join; Flower's node list shows node ids only, so the
+coordinator keeps the human names here (``<state>/sites.json``), with each site's public key
+so that a SuperLink whose state lives in memory gets every site back when it restarts
+(:func:`consilia.server.cli` ``start``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import base64
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class SiteEntry:
     node_id: int
     fingerprint: str
     registered_at: str
+    public_key: str = ""  # the OpenSSH key line, to register the site again after a restart
 
 
 def read_public_key(path: Path) -> tuple[str, str]:
@@ -103,12 +105,17 @@ class SiteRegistry:
                     f"this key ({fingerprint}) is already registered as site '{entry.name}'"
                 )
 
-    def add(self, name: str, node_id: int, fingerprint: str) -> SiteEntry:
+    def add(self, name: str, node_id: int, fingerprint: str, public_key: str = "") -> SiteEntry:
         """Record a site the SuperLink has accepted."""
         entry = SiteEntry(name, int(node_id), fingerprint,
-                          datetime.now(UTC).isoformat(timespec="seconds"))
+                          datetime.now(UTC).isoformat(timespec="seconds"), public_key)
         self._save([*self.load(), entry])
         return entry
+
+    def set_node_id(self, name: str, node_id: int) -> None:
+        """Record the node id the SuperLink gave ``name`` when it was registered again."""
+        self._save([replace(e, node_id=int(node_id)) if e.name == name else e
+                    for e in self.load()])
 
     def remove(self, name: str) -> SiteEntry:
         """Forget a site; return its entry."""

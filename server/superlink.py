@@ -98,7 +98,9 @@ class SuperLinkSettings:
         ``subprocess``: the SuperLink spawns the ServerApp process itself.
     memory_state : bool
         Keep the SuperLink's state (site keys, runs, messages, model objects) in memory
-        instead of SQLite: faster, but lost on restart.
+        instead of SQLite (the default: rounds are much faster, see docs/deployment.md).
+        It is lost on restart; ``fl-server start`` then registers every site of
+        ``sites.json`` again.
     extra_env : dict
         Environment added to the SuperLink's (e.g. ``OMP_NUM_THREADS``).
 
@@ -110,7 +112,7 @@ class SuperLinkSettings:
     port: int = 9093
     insecure: bool = False
     isolation: str = "subprocess"
-    memory_state: bool = False
+    memory_state: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,8 +126,8 @@ class SuperLinkSettings:
     def database(self) -> str:
         """Return the SuperLink's ``--database``: SQLite in the state dir, or in memory.
 
-        SQLite keeps site keys and runs across restarts; ``memory_state`` is faster with large
-        models, but every site must be registered again after a restart.
+        SQLite keeps site keys and runs across restarts; memory (the default) is faster and
+        ``fl-server start`` registers the sites of ``sites.json`` again after a restart.
         """
         if self.memory_state:
             return ":flwr-in-memory:"

@@ -167,7 +167,8 @@ def _wait_finished(fed: LocalFederation, run_id: int, timeout_s: float = 3600) -
 
 
 def run_benchmark(per_site: int, rounds: int, epochs: int, work: Path,
-                  modes: list[str], model: str = "cnn") -> dict[str, Any]:
+                  modes: list[str], model: str = "cnn",
+                  sqlite_state: bool = False) -> dict[str, Any]:
     """Run the simulation and the deployment modes; return every measurement."""
     data_root = Path(os.environ.get("CONSILIA_DATA_ROOT") or repo_shared_data_dir())
     classes, folders = _prepare_sites(work, per_site, data_root)
@@ -177,11 +178,12 @@ def run_benchmark(per_site: int, rounds: int, epochs: int, work: Path,
     results: dict[str, Any] = {
         "per_site_images": per_site, "rounds": rounds, "local_epochs": epochs, "model": model,
         "model_bytes": _model_bytes(run), "cpu_count": os.cpu_count(), "modes": {},
+        "superlink_state": "sqlite" if sqlite_state else "memory",
     }
     fed = LocalFederation(work / "federation", SITES, env={"OMP_NUM_THREADS": "1"})
     fed.generate_certs()
     try:
-        fed.start_coordinator()
+        fed.start_coordinator(*(["--sqlite-state"] if sqlite_state else []))
         fed.register_sites()
         for name in modes:
             print(f"-- {name}", flush=True)
@@ -201,7 +203,9 @@ def report(results: dict[str, Any]) -> str:
     sim = statistics.mean(results["modes"]["simulation (Ray)"]["round_s"][1:])
     lines = [f"{results['per_site_images']} images/site, 3 sites, {results['rounds']} rounds, "
              f"{results['local_epochs']} local epoch(s), {results['model']} 64 px; "
-             f"{results['cpu_count']} CPU core(s). Rounds 2..R (round 1 = start-up).", "",
+             f"{results['cpu_count']} CPU core(s), SuperLink state in "
+             f"{results.get('superlink_state', 'memory')}. Rounds 2..R (round 1 = start-up).",
+             "",
              f"{'mode':<46}{'s/round':>9}{'vs sim':>9}{'round 1 s':>11}"]
     for name, res in results["modes"].items():
         later = statistics.mean(res["round_s"][1:])
@@ -231,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
                         help="comma-separated deployment modes, or 'all' (default: "
                         + "; ".join(DEFAULT_MODES) + ")")
+    parser.add_argument("--sqlite-state", action="store_true",
+                        help="fl-server start --sqlite-state (SuperLink state in SQLite instead "
+                        "of memory)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     args = parser.parse_args(argv)
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
         results = run_benchmark(args.per_site, args.rounds, args.epochs, work, modes,
-                                args.model)
+                                args.model, args.sqlite_state)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

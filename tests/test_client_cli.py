@@ -322,3 +322,42 @@ def test_supervisor_restarts_a_child_that_exits_with_back_off(tmp_path, caplog):
     child.process.wait(timeout=30)
     sup._tend(child, time.monotonic())
     assert any("restarting in 2 s" in r.getMessage() for r in caplog.records)
+
+
+def test_object_pulls_retry_after_50_ms_in_the_patched_module_only():
+    import types
+
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from consilia.common.object_pulls import quicker_object_pulls
+
+    module = types.ModuleType("fake_flower_loop")
+    module.pull_objects = inflatable_utils.pull_objects
+    assert quicker_object_pulls(module) and quicker_object_pulls(module)  # idempotent
+    assert module.pull_objects.func is inflatable_utils.pull_objects
+    assert module.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
+    assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 1  # untouched
+    calls = {"n": 0}
+
+    def flaky(object_id: str) -> bytes:  # unavailable twice, as while an upload runs
+        from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    start = time.monotonic()
+    assert module.pull_objects(["a"], pull_object_fn=flaky) == {"a": b"content"}
+    assert time.monotonic() - start < 0.6  # Flower's default would wait 1 s + 2 s
+    assert not quicker_object_pulls(types.ModuleType("no_pulls"))
+
+
+def test_child_processes_move_flower_objects_eight_at_a_time_unless_told(monkeypatch):
+    from consilia.common.procenv import child_env
+
+    monkeypatch.delenv("FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS", raising=False)
+    monkeypatch.setenv("FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES", "3")
+    env = child_env()
+    assert env["FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS"] == "8"
+    assert env["FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES"] == "3"  # the operator's value wins

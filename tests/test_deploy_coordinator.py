@@ -83,6 +83,35 @@ def test_gen_certs_rejects_bad_site_name(tmp_path):
 
 
 # -- SuperLink command ------------------------------------------------------------------------
+def test_start_registers_the_known_sites_again_with_their_stored_keys(certs, tmp_path):
+    from consilia.server.cli import restore_registered_sites
+    from consilia.server.operator import OperatorError
+
+    registry = SiteRegistry(tmp_path / "sites.json")
+    line, fingerprint = read_public_key(certs / "sites" / "site-a" / "supernode.key.pub")
+    registry.add("site-a", 11, fingerprint, line)
+    registry.add("old-site", 12, "SHA256:x")  # registered before keys were stored
+    _, fp_b = read_public_key(certs / "sites" / "site-b" / "supernode.key.pub")
+    registry.add("site-b", 13, fp_b, "ecdsa-sha2-nistp384 AAAA")
+
+    class FakeOperator:
+        seen: list[tuple[str, str]] = []
+
+        def register_node(self, key: Path, name: str) -> int:
+            self.seen.append((name, key.read_text().strip()))
+            if name == "site-b":
+                raise OperatorError("key rejected")
+            return 101
+
+    lines = restore_registered_sites(registry, FakeOperator())
+    assert FakeOperator.seen[0] == ("site-a", line)
+    assert lines[0] == "registered 1 site(s) again: site-a"
+    assert "no stored key for old-site" in lines[1]
+    assert "site-b (key rejected)" in lines[2]
+    ids = {e.name: e.node_id for e in registry.load()}
+    assert ids == {"site-a": 101, "old-site": 12, "site-b": 13}
+
+
 def test_superlink_command_has_tls_node_auth_and_no_runtime_installs(certs, tmp_path):
     settings = SuperLinkSettings(state_dir=tmp_path, certs=CoordinatorCerts.from_dir(certs),
                                  host="127.0.0.1", port=9999)
@@ -93,10 +122,10 @@ def test_superlink_command_has_tls_node_auth_and_no_runtime_installs(certs, tmp_
     for flag, name in (("--ssl-ca-certfile", "ca.crt"), ("--ssl-certfile", "coordinator.crt"),
                        ("--ssl-keyfile", "coordinator.key")):
         assert Path(cmd[cmd.index(flag) + 1]).name == name
-    assert cmd[cmd.index("--database") + 1] == str(tmp_path / "superlink.db")
-    memory = SuperLinkSettings(state_dir=tmp_path, certs=settings.certs, memory_state=True)
-    assert superlink_command(memory)[superlink_command(memory).index("--database") + 1] == (
-        ":flwr-in-memory:")
+    assert cmd[cmd.index("--database") + 1] == ":flwr-in-memory:"  # the default
+    sqlite = SuperLinkSettings(state_dir=tmp_path, certs=settings.certs, memory_state=False)
+    assert superlink_command(sqlite)[superlink_command(sqlite).index("--database") + 1] == (
+        str(tmp_path / "superlink.db"))
     assert settings.local_address == "127.0.0.1:9999"
 
 
