@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from inprocess_testkit import model_shapes, run_inprocess_experiment
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -174,11 +175,7 @@ def test_site_policy_decides_whether_statistics_are_shared() -> None:
 
 
 def _experiment(tmp_path: Path, *overrides: str):
-    from flwr.app import Message
-
     from consilia.common.config import load_experiment_config
-    from consilia.simulations import run as run_module
-    from consilia.simulations.inprocess import run_inprocess_simulation
 
     cfg = load_experiment_config(None, [
         "data.dataset=synthetic", "data.max_samples=360", "data.image_size=16",
@@ -190,27 +187,8 @@ def _experiment(tmp_path: Path, *overrides: str):
         "train.batch_size=16", "train.lr=0.05", "train.optimizer=sgd",
         "baselines.centralized=false", "baselines.local_only=false", *overrides,
     ])
-    replies: list[Message] = []
-
-    def simulate(*args, **kwargs):
-        return run_inprocess_simulation(*args, on_reply=replies.append, **kwargs)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(run_module, "run_flower_simulation", simulate)
-    try:
-        result = run_module.run_experiment(cfg, tmp_path / "run")
-    finally:
-        mp.undo()
+    result, replies, _rounds = run_inprocess_experiment(cfg, tmp_path / "run")
     return cfg, result, replies
-
-
-def _model_shapes(cfg, run_dir: Path) -> dict:
-    from consilia.common.config import TaskSpec
-    from consilia.common.serde import model_from_run_config
-
-    run = cfg.run_config().model_copy(update={"task": TaskSpec.model_validate_json(
-        (run_dir / "task.json").read_text())})
-    return {k: tuple(v.shape) for k, v in model_from_run_config(run).state_dict().items()}
 
 
 def test_federation_calibrates_the_head_with_class_aggregates_only(tmp_path: Path) -> None:
@@ -233,7 +211,7 @@ def test_federation_calibrates_the_head_with_class_aggregates_only(tmp_path: Pat
     # the sites' calibration replies carry per-class aggregates and nothing else
     queries = [r for r in replies if r.metadata.message_type.startswith("query")]
     assert len(queries) == 3
-    shapes = _model_shapes(cfg, result.run_dir)
+    shapes = model_shapes(cfg, result.run_dir)
     for reply in queries:
         assert audit_reply(reply, shapes, "query") == []
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from inprocess_testkit import run_inprocess_experiment
 from opacus.accountants import RDPAccountant
 
 from consilia.server.central_dp import client_level_epsilon
-from consilia.simulations.inprocess import run_inprocess_simulation
 
 
 def test_client_level_epsilon_matches_opacus_rdp_and_grows_with_releases() -> None:
@@ -29,7 +28,6 @@ def test_client_level_epsilon_matches_opacus_rdp_and_grows_with_releases() -> No
 
 def _run(tmp_path: Path, overrides: list[str], client_app: ClientApp | None = None):
     from consilia.common.config import load_experiment_config
-    from consilia.simulations import run as run_module
 
     cfg = load_experiment_config(None, [
         "data.dataset=synthetic", "data.max_samples=240", "data.image_size=16",
@@ -38,17 +36,9 @@ def _run(tmp_path: Path, overrides: list[str], client_app: ClientApp | None = No
         "train.batch_size=16", *overrides,
     ])
 
-    def simulate(*args, **kwargs):
-        return run_inprocess_simulation(*args, client_app=client_app, **kwargs)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(run_module, "run_flower_simulation", simulate)
-    try:
-        result = run_module.run_experiment(cfg, tmp_path / "run")
-    finally:
-        mp.undo()
-    lines = (result.run_dir / "metrics" / "rounds.jsonl").read_text().splitlines()
-    return result, [json.loads(line) for line in lines if line]
+    result, _replies, rounds = run_inprocess_experiment(cfg, tmp_path / "run",
+                                                        client_app=client_app)
+    return result, rounds
 
 
 @pytest.mark.slow

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from flwr.app import Message
+from inprocess_testkit import model_shapes, run_inprocess_experiment
 
 from consilia.client.ledger import PrivacyLedger
 from consilia.client.sim_privacy import sim_ledger_path
-from consilia.simulations.inprocess import run_inprocess_simulation
 from consilia.simulations.message_audit import audit_reply
 
 
@@ -18,9 +16,7 @@ from consilia.simulations.message_audit import audit_reply
 def test_local_dp_federation_in_process_reports_epsilon_and_sends_only_weights(
     tmp_path: Path,
 ) -> None:
-    from consilia.common.config import TaskSpec, load_experiment_config
-    from consilia.common.serde import model_from_run_config
-    from consilia.simulations import run as run_module
+    from consilia.common.config import load_experiment_config
 
     cfg = load_experiment_config(None, [
         "data.dataset=synthetic", "data.max_samples=300", "data.image_size=16",
@@ -29,20 +25,7 @@ def test_local_dp_federation_in_process_reports_epsilon_and_sends_only_weights(
         "train.batch_size=16", "train.lr=0.01", "dp.enabled=true", "dp.target_epsilon=3",
         "baselines.centralized=false", "baselines.local_only=false",
     ])
-    replies: list[Message] = []
-
-    def simulate(*args, **kwargs):
-        return run_inprocess_simulation(*args, on_reply=replies.append, **kwargs)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(run_module, "run_flower_simulation", simulate)
-    try:
-        result = run_module.run_experiment(cfg, tmp_path / "run")
-    finally:
-        mp.undo()
-
-    rounds = [json.loads(line) for line in
-              (result.run_dir / "metrics" / "rounds.jsonl").read_text().splitlines() if line]
+    result, replies, rounds = run_inprocess_experiment(cfg, tmp_path / "run")
     for site in ("site-00", "site-01"):
         eps = [r["sites"][site]["epsilon"] for r in rounds[1:]]
         assert len(eps) == 3 and eps == sorted(eps) and 0 < eps[0] and eps[-1] <= 3.0 + 1e-9
@@ -52,9 +35,7 @@ def test_local_dp_federation_in_process_reports_epsilon_and_sends_only_weights(
         deltas = {r["sites"][site]["delta"] for r in rounds[1:]}
         assert len(deltas) == 1 and 0 < deltas.pop() <= 1e-5  # min(1e-5, 1/(10 n))
 
-    run = cfg.run_config().model_copy(update={"task": TaskSpec.model_validate_json(
-        (result.run_dir / "task.json").read_text())})
-    shapes = {k: tuple(v.shape) for k, v in model_from_run_config(run).state_dict().items()}
+    shapes = model_shapes(cfg, result.run_dir)
     assert len(replies) == 3 * 2 * 2  # rounds x sites x (train + evaluate)
     for reply in replies:
         kind = reply.metadata.message_type.split(".")[0]

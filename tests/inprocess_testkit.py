@@ -1,0 +1,47 @@
+"""Run an ``fl-sim`` experiment on the in-process Flower grid (no Ray) and keep what it sent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Message
+
+from consilia.simulations.inprocess import run_inprocess_simulation
+
+
+def run_inprocess_experiment(cfg: Any, out: Path, **grid_options: Any):
+    """Run ``cfg`` with ``run_experiment`` on the in-process grid.
+
+    Returns ``(result, replies, rounds)``: the ExperimentResult, every site reply (in the
+    order they were sent) and the parsed ``metrics/rounds.jsonl``. ``grid_options`` go to
+    :func:`~consilia.simulations.inprocess.run_inprocess_simulation` (e.g. ``client_app``).
+    """
+    from consilia.simulations import run as run_module
+
+    replies: list[Message] = []
+
+    def simulate(*args: Any, **kwargs: Any):
+        return run_inprocess_simulation(*args, on_reply=replies.append, **grid_options,
+                                        **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(run_module, "run_flower_simulation", simulate)
+    try:
+        result = run_module.run_experiment(cfg, out)
+    finally:
+        mp.undo()
+    lines = (result.run_dir / "metrics" / "rounds.jsonl").read_text().splitlines()
+    return result, replies, [json.loads(line) for line in lines if line]
+
+
+def model_shapes(cfg: Any, run_dir: Path) -> dict[str, tuple[int, ...]]:
+    """The run's model ``state_dict`` shapes (what a training reply may carry)."""
+    from consilia.common.config import TaskSpec
+    from consilia.common.serde import model_from_run_config
+
+    run = cfg.run_config().model_copy(update={"task": TaskSpec.model_validate_json(
+        (run_dir / "task.json").read_text())})
+    return {k: tuple(v.shape) for k, v in model_from_run_config(run).state_dict().items()}
