@@ -182,3 +182,19 @@ def test_skipping_ordinary_gradients_keeps_per_sample_gradients_and_restores_on_
         assert not wrapped[1](x).requires_grad
     for handle in handles:
         handle.remove()
+
+
+def test_wide_convolutions_keep_opacus_unfold_and_agree_with_it():
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    from consilia.client.grad_samplers import MAX_GROUPED_IN_CHANNELS, conv2d_grad_sample
+
+    torch.manual_seed(0)
+    for cin in (MAX_GROUPED_IN_CHANNELS, 2 * MAX_GROUPED_IN_CHANNELS):
+        layer = torch.nn.Conv2d(cin, 8, 3, padding=1)
+        x = torch.randn(3, cin, 6, 6)
+        g = torch.randn(3, 8, 6, 6)
+        ours = conv2d_grad_sample(layer, [x], g)
+        ref = compute_conv_grad_sample(layer, [x], g)
+        for p in (layer.weight, layer.bias):
+            torch.testing.assert_close(ours[p], ref[p], rtol=1e-4, atol=1e-5)
