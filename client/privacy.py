@@ -49,8 +49,8 @@ Grad-sample mode (:func:`choose_grad_sample_mode`).
     ``dp.grad_sample_mode="auto"`` picks, per registered model, the fastest mode that worked
     and gave the same update as ``hooks`` in our CPU measurement (1 thread, noise 0,
     ``docs/benchmarks.md``; :data:`MEASURED_GRAD_SAMPLE_MODE`): ``hooks`` for cnn (with the
-    speed-ups below), ``ew`` for lenet5, ``ghost`` for alexnet, ``functorch`` for
-    efficientnet_b0, ``hooks`` for the rest.
+    speed-ups below), ``ew`` for lenet5, ``ghost`` for alexnet, ``hooks`` for the rest
+    (efficientnet_b0 too, since the grouped-conv per-sample gradients: 2.3x vs 4.0x).
     Models registered later fall back to ``"hooks"`` (works for every Opacus-valid model).
     ``"ghost"`` (fast gradient clipping) returns a wrapped criterion whose
     ``loss.backward()`` runs the two backward passes; :class:`PrivateTraining` always
@@ -165,7 +165,7 @@ MEASURED_GRAD_SAMPLE_MODE: dict[str, str] = {
     "cnn": "hooks",  # hooks 1.3-1.5x plain vs ew 1.6-1.8x (28-64 px, batch 32-64)
     "lenet5": "ew",  # ew 1.6x vs ghost 1.7x vs hooks 2.8x (median)
     "alexnet": "ghost",  # ghost 2.0x vs hooks 4.9x
-    "efficientnet_b0": "functorch",  # functorch 3.6x vs hooks 43x (depthwise convs)
+    "efficientnet_b0": "hooks",  # hooks 2.3x vs functorch 4.0x with the fast grouped convs
     "densenet121": "hooks",  # hooks 2.6x vs ghost 4.1x; ew fails (view of non-contiguous)
     "inception": "hooks",  # hooks 2.7x vs ghost 4.1x
     "resnet18": "hooks",  # hooks ~ ghost ~10x; functorch/ew slower
