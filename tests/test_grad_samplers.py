@@ -41,7 +41,7 @@ def _naive_per_sample(
     return {name: torch.stack(values) for name, values in grads.items()}
 
 
-def _check(layer: nn.Module, sampler, x: torch.Tensor) -> None:
+def _assert_same_as_per_sample_loop(layer: nn.Module, sampler, x: torch.Tensor) -> None:
     with torch.no_grad():
         backprops = torch.randn_like(layer(x))
     got = sampler(layer, [x], backprops)
@@ -74,7 +74,7 @@ def test_conv2d_grad_sample_equals_a_per_sample_loop(geometry: tuple, dtype: tor
     cin, cout, kernel, stride, padding, dilation, groups, bias, size = geometry
     torch.manual_seed(0)
     layer = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias).to(dtype)
-    _check(layer, conv2d_grad_sample, torch.randn(5, cin, size, size + 1, dtype=dtype))
+    _assert_same_as_per_sample_loop(layer, conv2d_grad_sample, torch.randn(5, cin, size, size + 1, dtype=dtype))
 
 
 @pytest.mark.parametrize(("groups", "channels", "shape"), [
@@ -90,7 +90,7 @@ def test_group_norm_grad_sample_equals_a_per_sample_loop(
         layer.weight.normal_()
         layer.bias.normal_()
     x = 3 * torch.randn(6, channels, *shape, dtype=dtype) + 2
-    _check(layer, group_norm_grad_sample, x)
+    _assert_same_as_per_sample_loop(layer, group_norm_grad_sample, x)
 
 
 def test_empty_batches_fall_back_to_opacus() -> None:
