@@ -74,7 +74,8 @@ def test_conv2d_grad_sample_equals_a_per_sample_loop(geometry: tuple, dtype: tor
     cin, cout, kernel, stride, padding, dilation, groups, bias, size = geometry
     torch.manual_seed(0)
     layer = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups, bias).to(dtype)
-    _assert_same_as_per_sample_loop(layer, conv2d_grad_sample, torch.randn(5, cin, size, size + 1, dtype=dtype))
+    x = torch.randn(5, cin, size, size + 1, dtype=dtype)
+    _assert_same_as_per_sample_loop(layer, conv2d_grad_sample, x)
 
 
 @pytest.mark.parametrize(("groups", "channels", "shape"), [
