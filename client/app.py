@@ -13,6 +13,7 @@ from consilia.client.site_config import SitePolicyViolation
 from consilia.client.site_runtime import resolve_site
 from consilia.common.constants import ConfigKey, MessageKey, MetricKey, QueryName
 from consilia.common.instructions import RoundInstruction
+from consilia.common.serde import pack_state, unpack_state
 
 __all__ = ["app"]
 
@@ -23,11 +24,12 @@ def _prepare(msg: Message, context: Context):
     instr = RoundInstruction.from_config_record(msg.content[MessageKey.CONFIG.value])
     site = resolve_site(dict(context.node_config), dict(context.run_config), instr, context.run_id)
     site.enforce_policy(instr)
-    state = msg.content[MessageKey.ARRAYS.value].to_torch_state_dict()
+    state = unpack_state(msg.content[MessageKey.ARRAYS.value], site.trainer.state_template(instr))
     return instr, site, state
 
 
-def _reply(msg: Message, site_name: str, metrics: dict, arrays=None) -> Message:
+def _reply(msg: Message, site_name: str, metrics: dict,
+           arrays: ArrayRecord | None = None) -> Message:
     content = RecordDict(
         {
             MessageKey.METRICS.value: MetricRecord(metrics),
@@ -35,7 +37,7 @@ def _reply(msg: Message, site_name: str, metrics: dict, arrays=None) -> Message:
         }
     )
     if arrays is not None:
-        content[MessageKey.ARRAYS.value] = ArrayRecord(arrays)
+        content[MessageKey.ARRAYS.value] = arrays
     return Message(content=content, reply_to=msg)
 
 
@@ -44,7 +46,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's data."""
     instr, site, state = _prepare(msg, context)
     new_state, metrics = site.trainer.fit(state, instr)
-    return _reply(msg, site.name, metrics, arrays=new_state)
+    return _reply(msg, site.name, metrics, arrays=pack_state(new_state))
 
 
 @app.evaluate()
@@ -76,4 +78,4 @@ def query(msg: Message, context: Context) -> Message:
     arrays = {name: torch.from_numpy(np.ascontiguousarray(value))
               for name, value in stats.to_arrays().items()}
     return _reply(msg, site.name, {MetricKey.NUM_EXAMPLES.value: int(stats.counts.sum())},
-                  arrays=OrderedDict(arrays))
+                  arrays=ArrayRecord(OrderedDict(arrays)))

@@ -37,7 +37,7 @@ from typing import Any
 from consilia.client.app_approval import AppNotApproved, check_app_approved, identity_from_fab
 from consilia.client.site_config import SiteConfig, SitePolicyViolation, load_site_config
 from consilia.common.config import ConfigError
-from consilia.common.constants import MessageKey
+from consilia.common.constants import ConfigKey, MessageKey
 
 __all__ = ["SiteWorker", "TaskOutcome", "main", "setup_site_logging"]
 
@@ -273,7 +273,7 @@ class SiteWorker:
             message, context, run, fab = _pull_task_input(client)
             timing["pull"] = time.perf_counter() - start
             outcome.run_id = run.run_id
-            outcome.server_round = message.metadata.group_id
+            outcome.server_round = _round_of(message)
             outcome.message_type = message.metadata.message_type
             try:
                 identity = identity_from_fab(fab.content, fab.hash_str)
@@ -438,6 +438,18 @@ def _heartbeat_fn(client: Any, cancelled: threading.Event):
         return True
 
     return beat
+
+
+def _round_of(message: Any) -> str:
+    """Return a message's server round: its group id, else the ``server-round`` it carries."""
+    if message.metadata.group_id:
+        return str(message.metadata.group_id)
+    try:
+        config = message.content.config_records.get(MessageKey.CONFIG.value)
+        value = config.get(ConfigKey.SERVER_ROUND.value) if config is not None else None
+    except Exception:  # noqa: BLE001 - a message without content (error) has no round
+        return ""
+    return "" if value is None else str(value)
 
 
 def _metrics_of(reply: Any) -> dict[str, Any]:

@@ -141,7 +141,7 @@ class SiteTrainer:
     privacy_factory: Callable[[RoundInstruction, int], object | None] | None = None
     _model_cache: dict = field(default_factory=dict, repr=False)
 
-    def _model(self, instr: RoundInstruction, state: OrderedDict) -> nn.Module:
+    def _built_model(self, instr: RoundInstruction) -> nn.Module:
         if self.threads:
             torch.set_num_threads(self.threads)
         key = (instr.model.model_dump_json(), instr.task.model_dump_json())
@@ -150,8 +150,16 @@ class SiteTrainer:
             model = build_task_model(instr.model.name, dict(instr.model.kwargs), instr.task)
             self._model_cache.clear()
             self._model_cache[key] = model
+        return model
+
+    def _model(self, instr: RoundInstruction, state: OrderedDict) -> nn.Module:
+        model = self._built_model(instr)
         model.load_state_dict(state, strict=True)
         return model
+
+    def state_template(self, instr: RoundInstruction) -> OrderedDict:
+        """Return the run's model ``state_dict`` (names, shapes, dtypes) for unpacking weights."""
+        return self._built_model(instr).state_dict()
 
     def fit(self, state: OrderedDict, instr: RoundInstruction) -> tuple[OrderedDict, dict]:
         """Train from the global ``state``; return the new weights and scalar metrics."""

@@ -13,8 +13,10 @@ compares the time per round (rounds 2..R; round 1 holds start-up). Deployment mo
 - plus Flower's 3 s coordinator reply polling (no FastPollGrid);
 - Flower's defaults: a fresh ``flwr-clientapp`` process per task, 3 s polls everywhere.
 
-It also reports the bytes each site sent and received per round (the SuperLink's traffic
-counters) against the model's size. Usage::
+It also reports, per deployed round, the time spent outside the sites' ClientApps (round time
+minus the slowest site's app time, from the sites' round logs: transfers, polling and the
+coordinator's own work) and the bytes each site sent and received per round (the SuperLink's
+traffic counters) against the model's size. Usage::
 
     python -m consilia.simulations.bench_deploy [--per-site 400] [--rounds 4] [--out b.json]
 """
@@ -41,7 +43,7 @@ from consilia.common.config import RunConfig, SimulationConfig
 from consilia.common.paths import repo_shared_data_dir
 from consilia.simulations.local_federation import LocalFederation, mednist_sites
 
-__all__ = ["main", "per_round_seconds", "report", "run_benchmark"]
+__all__ = ["main", "per_round_seconds", "report", "run_benchmark", "site_compute_seconds"]
 
 SITES = ["site-00", "site-01", "site-02"]
 MODES = {
@@ -63,6 +65,31 @@ def per_round_seconds(run_dir: Path) -> list[float]:
     path = Path(run_dir) / "metrics" / "rounds.jsonl"
     elapsed = [json.loads(x)["elapsed_s"] for x in path.read_text().splitlines() if x.strip()]
     return [b - a for a, b in zip(elapsed[:-1], elapsed[1:], strict=True)]
+
+
+def site_compute_seconds(round_logs: list[Path], run_id: int) -> dict[int, float]:
+    """Per round, the slowest site's ClientApp time, summed over the round's message types.
+
+    Read from each site's ``state/logs/rounds.jsonl`` (``timing.app``: the time the site's
+    ClientApp ran, without pulling the message or pushing the reply). A round's time minus
+    this is what the deployment spends outside the sites' own work: transfers, polling and
+    the coordinator's aggregation, evaluation and checkpoint.
+    """
+    slowest: dict[tuple[int, str], float] = {}
+    for path in round_logs:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            entry = json.loads(line) if line.strip() else {}
+            if str(entry.get("run_id")) != str(run_id) or not str(entry.get("round", "")):
+                continue
+            key = (int(entry["round"]), str(entry.get("type", "")))
+            app = float(entry.get("timing", {}).get("app", 0.0))
+            slowest[key] = max(slowest.get(key, 0.0), app)
+    out: dict[int, float] = {}
+    for (rnd, _kind), seconds in slowest.items():
+        out[rnd] = out.get(rnd, 0.0) + seconds
+    return out
 
 
 def _run_config(classes: list[str], rounds: int, epochs: int, model: str) -> RunConfig:
@@ -143,8 +170,12 @@ def _deploy(fed: LocalFederation, run_yaml: Path, folders: list[Path], name: str
     wall = time.perf_counter() - start
     for site in SITES:
         fed.kill_site(site, 15)
-    return {"wall_s": wall, "round_s": per_round_seconds(run_dir), "status": info["status"],
-            "traffic": info.get("network-traffic", {})}
+    round_s = per_round_seconds(run_dir)
+    compute = site_compute_seconds(
+        [fed.site_dir(site) / "state" / "logs" / "rounds.jsonl" for site in SITES], run_id)
+    outside = [seconds - compute[i + 1] for i, seconds in enumerate(round_s) if i + 1 in compute]
+    return {"wall_s": wall, "round_s": round_s, "outside_sites_s": outside,
+            "status": info["status"], "traffic": info.get("network-traffic", {})}
 
 
 def _submit_app(fed: LocalFederation, app_dir: Path) -> int:
@@ -206,11 +237,14 @@ def report(results: dict[str, Any]) -> str:
              f"{results['cpu_count']} CPU core(s), SuperLink state in "
              f"{results.get('superlink_state', 'memory')}. Rounds 2..R (round 1 = start-up).",
              "",
-             f"{'mode':<46}{'s/round':>9}{'vs sim':>9}{'round 1 s':>11}"]
+             f"{'mode':<46}{'s/round':>9}{'vs sim':>9}{'round 1 s':>11}"
+             f"{'outside sites s':>17}"]
     for name, res in results["modes"].items():
         later = statistics.mean(res["round_s"][1:])
+        outside = res.get("outside_sites_s", [])[1:]
+        shown = f"{statistics.mean(outside):>17.2f}" if outside else f"{'-':>17}"
         lines.append(f"{name:<46}{later:>9.2f}{(later / sim - 1) * 100:>+8.1f}%"
-                     f"{res['round_s'][0]:>11.2f}")
+                     f"{res['round_s'][0]:>11.2f}{shown}")
     model = results["model_bytes"]
     lines += ["", f"model: {model / 1e6:.3f} MB (float32 parameters)"]
     for name, res in results["modes"].items():

@@ -6,7 +6,9 @@ simulation too, because the wrapper travels to the Ray workers with the app.
 :func:`audit_reply` then checks one reply against what a site is allowed to send:
 
 - an ``ArrayRecord`` ``"arrays"`` (training replies only) whose keys, shapes and floating
-  dtypes are exactly the model's ``state_dict``;
+  dtypes are exactly the model's packed weights (one flat vector per dtype,
+  :func:`consilia.common.serde.packed_shapes`; a record of named tensors is compared with the
+  ``state_dict`` the same way);
 - for a classifier-calibration ``query`` reply instead: exactly the per-class aggregates
   ``counts`` (C,), ``sums`` (C, D) and ``outer-sums`` (C, D, D) of the head's input features;
 - a ``MetricRecord`` ``"metrics"`` of scalar numbers (no lists);
@@ -77,7 +79,8 @@ def audit_reply(
     reply : Message
         A reply a site sent.
     expected_arrays : mapping
-        The model's ``state_dict`` keys and shapes.
+        The keys and shapes a training reply's weights must have
+        (:func:`consilia.common.serde.packed_shapes` of the model's ``state_dict``).
     message_type : str
         ``"train"`` (weights expected), ``"evaluate"`` (no arrays allowed) or ``"query"``
         (per-class feature aggregates only).

@@ -38,10 +38,10 @@ def run_inprocess_experiment(cfg: Any, out: Path, **grid_options: Any):
 
 
 def model_shapes(cfg: Any, run_dir: Path) -> dict[str, tuple[int, ...]]:
-    """The run's model ``state_dict`` shapes (what a training reply may carry)."""
+    """The run's packed model weights' keys and shapes (what a training reply may carry)."""
     from consilia.common.config import TaskSpec
-    from consilia.common.serde import model_from_run_config
+    from consilia.common.serde import model_from_run_config, packed_shapes
 
     run = cfg.run_config().model_copy(update={"task": TaskSpec.model_validate_json(
         (run_dir / "task.json").read_text())})
-    return {k: tuple(v.shape) for k, v in model_from_run_config(run).state_dict().items()}
+    return packed_shapes(model_from_run_config(run).state_dict())

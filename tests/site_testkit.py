@@ -183,11 +183,12 @@ PROBE_SERVER = '''"""Probe ServerApp: send Consilia instructions, record replies
 import json
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from consilia.client.trainer import build_task_model
 from consilia.common.config import RunConfig
+from consilia.common.serde import arrays_from_model
 from consilia.common.instructions import RoundInstruction
 
 app = ServerApp()
@@ -211,7 +212,7 @@ def main(grid: Grid, context: Context) -> None:
             break
         time.sleep(0.2)
     model = build_task_model(run.model.name, dict(run.model.kwargs), run.task)
-    arrays = ArrayRecord(model.state_dict())
+    arrays = arrays_from_model(model)
     out = {"nodes": len(nodes), "rounds": []}
     kinds = [MessageType.TRAIN] + ([MessageType.EVALUATE] if cfg["evaluate"] else [])
     for rnd in range(1, run.strategy.rounds + 1):

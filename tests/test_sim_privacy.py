@@ -218,11 +218,11 @@ def test_dp_training_learns_clearly_above_chance(dp_run: dict) -> None:
 
 @pytest.mark.slow
 def test_every_message_a_site_sends_holds_only_weights_and_scalar_metrics(dp_run: dict) -> None:
-    from consilia.common.serde import model_from_run_config
+    from consilia.common.serde import model_from_run_config, packed_shapes
 
     run = dp_run["cfg"].run_config().model_copy(update={"task": TaskSpec.model_validate_json(
         (dp_run["run_dir"] / "task.json").read_text())})
-    shapes = {k: tuple(v.shape) for k, v in model_from_run_config(run).state_dict().items()}
+    shapes = packed_shapes(model_from_run_config(run).state_dict())
     replies = load_recorded_replies(dp_run["messages"])
     kinds = [kind for kind, _ in replies]
     assert kinds.count("train") == 4  # 2 rounds x 2 sites (site-02 refused: an error reply)
