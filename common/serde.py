@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ __all__ = [
     "PACKED_PREFIX",
     "arrays_from_model",
     "clean_state_dict",
+    "layout_digest",
     "load_arrays_into_model",
     "load_checkpoint",
     "model_from_run_config",
@@ -31,7 +33,8 @@ __all__ = [
 
 _OPACUS_PREFIX = "_module."
 
-#: Key prefix of a packed ``ArrayRecord``: one flat array per dtype, ``packed-float32`` ...
+#: Key prefix of a packed ``ArrayRecord``: one flat array per dtype,
+#: ``packed-float32-<layout digest>`` ...
 PACKED_PREFIX = "packed-"
 
 
@@ -54,6 +57,16 @@ def _dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
+def layout_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """Return a short fingerprint of a ``state_dict``'s layout (names, shapes, dtypes, order)."""
+    text = ";".join(f"{name}:{tuple(t.shape)}:{_dtype_name(t)}" for name, t in state.items())
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _packed_key(dtype: str, digest: str) -> str:
+    return f"{PACKED_PREFIX}{dtype}-{digest}"
+
+
 def pack_state(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Pack a ``state_dict`` into one flat array per dtype, in the state's key order.
 
@@ -63,7 +76,8 @@ def pack_state(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     message. Aggregation is unchanged: FedAvg, FedProx, FedAdam and the DP clipping wrapper
     all work elementwise (or on the norm of the whole update), which a flat vector gives the
     same way. The layout (names, shapes) is the model's own ``state_dict`` order, which both
-    ends rebuild from the run config; :func:`unpack_state` checks the sizes.
+    ends rebuild from the run config; each key carries the layout's fingerprint
+    (:func:`layout_digest`), which :func:`unpack_state` checks.
 
     Parameters
     ----------
@@ -73,22 +87,23 @@ def pack_state(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     Returns
     -------
     ArrayRecord
-        ``{"packed-<dtype>": flat array}`` for each dtype present.
+        ``{"packed-<dtype>-<layout digest>": flat array}`` for each dtype present.
     """
+    digest = layout_digest(state)
     groups: dict[str, list[np.ndarray]] = {}
     for tensor in state.values():
         flat = tensor.detach().cpu().reshape(-1).numpy()
         groups.setdefault(_dtype_name(tensor), []).append(flat)
-    return ArrayRecord(
-        {PACKED_PREFIX + name: Array(np.concatenate(parts)) for name, parts in groups.items()}
-    )
+    return ArrayRecord({_packed_key(name, digest): Array(np.concatenate(parts))
+                        for name, parts in groups.items()})
 
 
 def packed_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of :func:`pack_state`'s record for ``state`` (without packing it)."""
+    digest = layout_digest(state)
     sizes: dict[str, int] = {}
     for tensor in state.values():
-        key = PACKED_PREFIX + _dtype_name(tensor)
+        key = _packed_key(_dtype_name(tensor), digest)
         sizes[key] = sizes.get(key, 0) + tensor.numel()
     return {key: (size,) for key, size in sizes.items()}
 
@@ -104,19 +119,20 @@ def unpack_state(
     Raises
     ------
     ValueError
-        When the record does not hold exactly the template's tensors (a different model).
+        When the record was packed from another layout (a different model).
     """
     if not any(key.startswith(PACKED_PREFIX) for key in arrays.keys()):
         return clean_state_dict(arrays.to_torch_state_dict())
-    flat = {key.removeprefix(PACKED_PREFIX): torch.from_numpy(np.array(value.numpy()))
-            for key, value in arrays.items()}
-    offsets = dict.fromkeys(flat, 0)
     expected = packed_shapes(template)
-    got = {PACKED_PREFIX + key: tuple(value.shape) for key, value in flat.items()}
+    got = {key: tuple(value.shape) for key, value in arrays.items()}
     if got != expected:
-        raise ValueError(f"the received weights {got} do not fit this model {expected}: the "
-                         "coordinator and this side built different models (check the run's "
-                         "model name, kwargs and task)")
+        raise ValueError(f"the received weights {got} were packed from another model than this "
+                         f"one {expected}: the coordinator and this side built different models "
+                         "(check the run's model name, kwargs and task)")
+    digest = layout_digest(template)
+    flat = {dtype: torch.from_numpy(np.array(arrays[_packed_key(dtype, digest)].numpy()))
+            for dtype in {_dtype_name(t) for t in template.values()}}
+    offsets = dict.fromkeys(flat, 0)
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for name, like in template.items():
         dtype = _dtype_name(like)

@@ -12,6 +12,7 @@ from torch import nn
 
 from consilia.common.serde import (
     arrays_from_model,
+    layout_digest,
     load_arrays_into_model,
     pack_state,
     packed_shapes,
@@ -30,7 +31,8 @@ def test_pack_makes_one_array_per_dtype_and_unpacks_exactly() -> None:
     model(torch.randn(2, 1, 8, 8))  # running stats and num_batches_tracked (int64) move
     state = model.state_dict()
     record = pack_state(state)
-    assert sorted(record.keys()) == ["packed-float32", "packed-int64"]
+    digest = layout_digest(state)
+    assert sorted(record.keys()) == [f"packed-float32-{digest}", f"packed-int64-{digest}"]
     assert {k: tuple(v.shape) for k, v in record.items()} == packed_shapes(state)
     back = unpack_state(record, state)
     assert list(back) == list(state)
@@ -53,8 +55,13 @@ def test_load_arrays_into_model_accepts_packed_and_named_records() -> None:
 
 def test_unpacking_weights_of_another_model_names_the_mismatch() -> None:
     record = pack_state(nn.Linear(4, 3).state_dict())
-    with pytest.raises(ValueError, match="do not fit this model"):
+    with pytest.raises(ValueError, match="packed from another model"):
         unpack_state(record, nn.Linear(5, 3).state_dict())
+    # the same number of weights under other names: caught by the layout fingerprint
+    square = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).state_dict()
+    renamed = OrderedDict((f"x.{k}", v) for k, v in square.items())
+    with pytest.raises(ValueError, match="packed from another model"):
+        unpack_state(pack_state(renamed), square)
 
 
 def test_packed_message_travels_as_a_few_objects() -> None:
