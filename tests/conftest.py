@@ -53,3 +53,18 @@ def dicom_dir(shared_data_dir: Path) -> Path:
 def rng() -> np.random.Generator:
     """A seeded random generator."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give each test a Flower task identity, so ``Message(...)`` can be built outside a run.
+
+    Flower 1.42 reads the current task's run and node ids when a message is created; a test
+    that builds messages by hand would otherwise depend on an earlier test having run a
+    federation in this process. Restored after the test.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        if getattr(TaskIdentity, name) is None:
+            monkeypatch.setattr(TaskIdentity, name, 1)

@@ -166,6 +166,20 @@ def test_worker_refusal_text_names_the_site_once():
     )
 
 
+def test_worker_logs_the_round_from_the_instruction_when_flower_sets_no_group_id():
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from consilia.client.site_worker import _round_of
+
+    def message(group_id: str, config: dict) -> Message:
+        return Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=1,
+                       message_type="train", group_id=group_id)
+
+    assert _round_of(message("", {"server-round": 3})) == "3"  # Flower's strategies
+    assert _round_of(message("5", {"server-round": 3})) == "5"
+    assert _round_of(message("", {})) == ""
+
+
 def test_worker_asks_for_tasks_quickly_right_after_one_and_slowly_when_idle(tmp_path, monkeypatch):
     from consilia.client import site_worker as module
 

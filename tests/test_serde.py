@@ -66,9 +66,7 @@ def test_unpacking_weights_of_another_model_names_the_mismatch() -> None:
 
 def test_packed_message_travels_as_a_few_objects() -> None:
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-    from flwr.supercore.task_identity import TaskIdentity
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     state = _bn_model().state_dict()
 
     def objects(arrays: ArrayRecord) -> int:
