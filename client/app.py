@@ -71,11 +71,39 @@ def query(msg: Message, context: Context) -> Message:
     rule = site.statistics_rule()
     if not rule.share:
         raise SitePolicyViolation(rule.reason)
-    if instr.dp.enabled and instr.dp.mode == "local":
-        raise SitePolicyViolation("the run trains with local DP; feature statistics are not "
-                                  "covered by the DP guarantee, so this site does not send them")
-    stats = site.trainer.feature_stats(state, instr, rule.min_class_count)
+    privacy = site.trainer.trains_with_dp(instr)
+    if privacy is None:
+        stats = site.trainer.feature_stats(state, instr, rule.min_class_count)
+        metrics = {MetricKey.NUM_EXAMPLES.value: int(stats.counts.sum())}
+    else:
+        stats, metrics = _noised_feature_stats(msg, site, state, instr, privacy)
     arrays = {name: torch.from_numpy(np.ascontiguousarray(value))
               for name, value in stats.to_arrays().items()}
-    return _reply(msg, site.name, {MetricKey.NUM_EXAMPLES.value: int(stats.counts.sum())},
-                  arrays=ArrayRecord(OrderedDict(arrays)))
+    return _reply(msg, site.name, metrics, arrays=ArrayRecord(OrderedDict(arrays)))
+
+
+def _noised_feature_stats(msg: Message, site, state, instr: RoundInstruction, privacy):
+    """Return the DP site's answer: clipped, Gaussian-noised statistics, accounted first."""
+    if getattr(privacy, "release_noise_multiplier", None) is None:
+        raise SitePolicyViolation(
+            "the run trains with local DP and this site sends no noised feature statistics "
+            "(policy.feature_statistics.dp_noise_multiplier: null)")
+    clip = msg.content[MessageKey.CONFIG.value].get(ConfigKey.FEATURE_CLIP_NORM.value)
+    if not isinstance(clip, int | float) or not clip > 0:
+        raise SitePolicyViolation(
+            "the run trains with local DP, so this site sends only clipped, noised feature "
+            "statistics, and the coordinator sent no feature clip norm "
+            "(strategy.calibration.feature_clip_norm, or a coordinator test set)")
+    from consilia.client.privacy import PrivacyBudgetExceeded, PrivacyConfigError
+
+    try:
+        stats, epsilon, sigma = site.trainer.private_feature_stats(state, instr, privacy,
+                                                                   float(clip))
+    except (PrivacyBudgetExceeded, PrivacyConfigError) as exc:
+        raise SitePolicyViolation(str(exc)) from None
+    metrics = {
+        MetricKey.NUM_EXAMPLES.value: max(int(round(float(stats.counts.sum()))), 0),
+        MetricKey.EPSILON.value: epsilon,
+        MetricKey.DP_NOISE_MULTIPLIER.value: sigma,
+    }
+    return stats, metrics

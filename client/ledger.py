@@ -156,8 +156,12 @@ def epsilon_of(state: AccountantState, delta: float) -> float:
 
 
 class RoundRecord(_Strict):
-    """One trained round as it was composed into the ledger."""
+    """One trained round (or one DP release of feature statistics) composed into the ledger."""
 
+    kind: Literal["train", "feature-statistics"] = Field(
+        "train", description="a DP-SGD round, or a Gaussian release of per-class feature "
+        "statistics for classifier calibration (one step at sampling rate 1)"
+    )
     timestamp: str
     run_id: str
     server_round: int
@@ -185,6 +189,10 @@ class RunCalibration(_Strict):
     spent_before_run: float = Field(ge=0)
     planned_epsilon: float = Field(ge=0, description="projected lifetime epsilon at run end")
     planned_run_epsilon: float = Field(ge=0, description="projected epsilon of this run alone")
+    reserved_release_noise: float | None = Field(
+        None, gt=0, description="noise multiplier of the feature-statistics release the run's "
+        "budget was planned to include (classifier calibration), if any"
+    )
     created: str
 
     @property
@@ -225,7 +233,12 @@ class LedgerEntry(_Strict):
     @property
     def rounds_taken(self) -> int:
         """Number of trained rounds recorded."""
-        return len(self.rounds)
+        return sum(1 for r in self.rounds if r.kind == "train")
+
+    @property
+    def statistics_releases(self) -> int:
+        """Number of DP releases of feature statistics recorded."""
+        return sum(1 for r in self.rounds if r.kind == "feature-statistics")
 
     @property
     def runs(self) -> list[str]:
@@ -261,8 +274,15 @@ class LedgerEntry(_Strict):
             f"{self.rounds_taken} round{'s' if self.rounds_taken != 1 else ''} in {len(runs)} "
             f"run{'s' if len(runs) != 1 else ''}; ε={self.remaining_epsilon:.2f} remains."
         )
-        if self.rounds:
-            last = self.rounds[-1]
+        if self.statistics_releases:
+            text += (
+                f" It includes {self.statistics_releases} noised release"
+                f"{'s' if self.statistics_releases != 1 else ''} of per-class feature "
+                "statistics (classifier calibration)."
+            )
+        trained = [r for r in self.rounds if r.kind == "train"]
+        if trained:
+            last = trained[-1]
             text += (
                 f" Last round: run {last.run_id}, round {last.server_round} at {last.timestamp}, "
                 f"{last.steps} DP-SGD steps with noise multiplier {last.noise_multiplier:.3f} "
@@ -487,6 +507,7 @@ class PrivacyLedger:
         steps: int,
         sample_rate: float,
         noise_multiplier: float,
+        kind: Literal["train", "feature-statistics"] = "train",
     ) -> LedgerEntry:
         """Compose one trained round into the ledger and save it (before weights leave the site).
 
@@ -507,6 +528,9 @@ class PrivacyLedger:
             Poisson sampling rate the accountant used.
         noise_multiplier : float
             Noise multiplier of the round.
+        kind : {"train", "feature-statistics"}
+            A DP-SGD round, or a Gaussian release of feature statistics (``steps=1``,
+            ``sample_rate=1``).
 
         Returns
         -------
@@ -527,6 +551,7 @@ class PrivacyLedger:
                 spent = float(accountant.get_epsilon(delta=entry.delta))
             now = utc_now()
             record = RoundRecord(
+                kind=kind,
                 timestamp=now,
                 run_id=str(run_id),
                 server_round=int(server_round),

@@ -113,6 +113,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
@@ -480,6 +481,11 @@ class PrivacyController:
         only. ``None`` (the default, and the only safe value at a real site) draws both seeds
         from the operating system's entropy, so nobody — the coordinator included — can
         replay the noise.
+    release_noise_multiplier : float, optional
+        The run will ask for per-class feature statistics (classifier calibration) and the
+        site's policy answers with this Gaussian noise multiplier: :meth:`calibrate` plans the
+        run's budget to include that one release, and
+        :meth:`release_feature_statistics` accounts it.
 
     Raises
     ------
@@ -497,6 +503,7 @@ class PrivacyController:
         dataset_key: str,
         model_name: str | None = None,
         noise_seed: int | None = None,
+        release_noise_multiplier: float | None = None,
     ) -> None:
         if dp.mode != "local":
             raise PrivacyConfigError(
@@ -517,6 +524,10 @@ class PrivacyController:
         self.dataset_key = dataset_key
         self.model_name = model_name
         self.noise_seed = noise_seed
+        if release_noise_multiplier is not None and not release_noise_multiplier > 0:
+            raise PrivacyConfigError("the feature-statistics noise multiplier must be positive, "
+                                     f"got {release_noise_multiplier}")
+        self.release_noise_multiplier = release_noise_multiplier
         self._calibration: RunCalibration | None = None
         self._engine: PrivacyEngine | None = None
         self._steps_before = 0
@@ -652,20 +663,33 @@ class PrivacyController:
         if entry.epsilon_spent >= budget:
             raise PrivacyBudgetExceeded(self._exhausted_text(entry))
         history = entry.accountant_state
+        # the run's one feature-statistics release (Gaussian, sampling rate 1), planned in
+        reserved = self._reserved_release(mechanism)
+        with_release = AccountantState(mechanism=mechanism,
+                                       history=[*history.history, *reserved])
+        release_only = AccountantState(mechanism=mechanism, history=list(reserved))
         try:
             if mechanism == "gdp" and history.history:
                 sigma = self._gdp_continuation(history, sample_rate)
-            elif not history.history:
+            elif not history.history and not reserved:
                 sigma = get_noise_multiplier(
                     target_epsilon=min(request, budget), target_delta=delta,
                     sample_rate=sample_rate, steps=planned_steps, accountant=mechanism,
                 )
-            else:
-                sigma_lifetime = noise_for_composed_target(
-                    history, target_epsilon=budget, target_delta=delta,
+            elif not history.history:
+                sigma = noise_for_composed_target(
+                    release_only, target_epsilon=min(request, budget), target_delta=delta,
                     sample_rate=sample_rate, steps=planned_steps,
                 )
-                sigma_run = get_noise_multiplier(
+            else:
+                sigma_lifetime = noise_for_composed_target(
+                    with_release, target_epsilon=budget, target_delta=delta,
+                    sample_rate=sample_rate, steps=planned_steps,
+                )
+                sigma_run = noise_for_composed_target(
+                    release_only, target_epsilon=request, target_delta=delta,
+                    sample_rate=sample_rate, steps=planned_steps,
+                ) if reserved else get_noise_multiplier(
                     target_epsilon=request, target_delta=delta, sample_rate=sample_rate,
                     steps=planned_steps, accountant=mechanism,
                 )
@@ -681,11 +705,11 @@ class PrivacyController:
                 f"rate {sample_rate:.4g} ({exc}); use dp.accountant='rdp'"
             ) from None
         planned = AccountantState(mechanism=mechanism, history=[
-            *history.history, (sigma, sample_rate, planned_steps)])
+            *history.history, (sigma, sample_rate, planned_steps), *reserved])
         if mechanism == "gdp" and history.history:  # GDP keeps one merged entry
             planned.history = [(sigma, sample_rate, history.total_steps + planned_steps)]
         run_only = AccountantState(
-            mechanism=mechanism, history=[(sigma, sample_rate, planned_steps)]
+            mechanism=mechanism, history=[(sigma, sample_rate, planned_steps), *reserved]
         )
         calibration = RunCalibration(
             run_id=run_id, noise_multiplier=sigma, sample_rate=sample_rate,
@@ -695,6 +719,7 @@ class PrivacyController:
             spent_before_run=entry.epsilon_spent,
             planned_epsilon=self._eps(planned, delta),
             planned_run_epsilon=self._eps(run_only, delta),
+            reserved_release_noise=reserved[0][0] if reserved else None,
             created=utc_now(),
         )
         self.ledger.record_calibration(self.dataset_key, calibration)
@@ -706,6 +731,80 @@ class PrivacyController:
             budget, delta, mechanism,
         )
         return self._calibration.noise_multiplier
+
+    def _reserved_release(self, mechanism: str) -> list[tuple[float, float, int]]:
+        """Return the feature-statistics release to plan for (one step at sampling rate 1)."""
+        if self.release_noise_multiplier is None or mechanism == "gdp":
+            return []  # GDP's CLT composition does not cover a full-batch release
+        return [(float(self.release_noise_multiplier), 1.0, 1)]
+
+    def release_feature_statistics(self, n_samples: int, run_id: str | int | None = None,
+                                   server_round: int | None = None) -> float:
+        """Account one Gaussian release of feature statistics; return the lifetime epsilon.
+
+        Called before the statistics leave the site. The release is one Gaussian mechanism
+        with ``release_noise_multiplier`` (sensitivity-normalised, see
+        :meth:`consilia.common.calibration.FeatureStats.with_gaussian_noise`), which the
+        accountant composes as one step at sampling rate 1. It is refused when it would take
+        the dataset over the site's lifetime budget, or the run over the epsilon it asked for
+        (a run planned with the release, see :meth:`calibrate`, has room for it).
+
+        Raises
+        ------
+        PrivacyConfigError
+            Without a release noise multiplier, or under the GDP accountant.
+        PrivacyBudgetExceeded
+            When the release does not fit the budget or the run's request.
+        """
+        if run_id is None or server_round is None:
+            if self._round is None:
+                raise RuntimeError("release_feature_statistics: no run bound (bind_round)")
+            run_id, server_round = self._round[0], self._round[1]
+        sigma = self.release_noise_multiplier
+        if sigma is None:
+            raise PrivacyConfigError("this site sends no DP-noised feature statistics "
+                                     "(policy.feature_statistics.dp_noise_multiplier is off)")
+        entry = self._open_entry(n_samples)
+        if entry.accountant == "gdp":
+            raise PrivacyConfigError(
+                f"dataset '{self.dataset_key}' is accounted with the GDP accountant, which "
+                "cannot compose a full-batch Gaussian release; use dp.accountant='rdp'"
+            )
+        release = (float(sigma), 1.0, 1)
+        lifetime = self._eps(AccountantState(mechanism=entry.accountant, history=[
+            *entry.accountant_state.history, release]), entry.delta)
+        if lifetime > entry.target_epsilon + EPSILON_SLACK:
+            raise PrivacyBudgetExceeded(
+                f"dataset '{self.dataset_key}': sending noised feature statistics (noise "
+                f"multiplier {sigma:g}) would raise the spend from ε={entry.epsilon_spent:.3f} "
+                f"to ε={lifetime:.3f}, over the site's budget ε={entry.target_epsilon:.3f}"
+            )
+        run_id = str(run_id)
+        cal = entry.calibrations.get(run_id)
+        requested = cal.requested_epsilon if cal is not None else float(self.dp.target_epsilon)
+        run_state = entry.run_history(run_id)
+        run_eps = self._eps(AccountantState(mechanism=entry.accountant, history=[
+            *run_state.history, release]), entry.delta)
+        if run_eps > requested + EPSILON_SLACK:
+            raise PrivacyBudgetExceeded(
+                f"dataset '{self.dataset_key}': sending noised feature statistics would bring "
+                f"run {run_id} to ε={run_eps:.3f}, over the ε={requested:.3f} it asked for "
+                "(the run's budget was not planned with a calibration release)"
+            )
+        updated = self.ledger.record_round(
+            self.dataset_key, run_id=run_id, server_round=server_round, steps=1,
+            sample_rate=1.0, noise_multiplier=float(sigma), kind="feature-statistics",
+        )
+        log.info("DP release of feature statistics for run %s on '%s': noise %.3f, lifetime "
+                 "ε %.3f -> %.3f", run_id, self.dataset_key, sigma, entry.epsilon_spent,
+                 updated.epsilon_spent)
+        return float(updated.epsilon_spent)
+
+    def release_rng(self) -> np.random.Generator:
+        """Noise source for a release: OS entropy at a real site, ``noise_seed`` in simulation."""
+        if self.noise_seed is None:
+            return np.random.default_rng(secrets.randbits(128))
+        return np.random.default_rng([int(self.noise_seed), 0xCA11B])
 
     def _open_entry(self, n_samples: int) -> LedgerEntry:
         existing = self._entry()

@@ -91,6 +91,7 @@ def simulated_privacy_factory(
             )
         from consilia.client.ledger import PrivacyLedger
         from consilia.client.privacy import PrivacyController
+        from consilia.client.site_runtime import StatisticsRule
 
         ledger = PrivacyLedger(sim_ledger_path(Path(run_dir), site_name))
         controller = PrivacyController(
@@ -101,6 +102,9 @@ def simulated_privacy_factory(
             dataset_key=site_name,
             model_name=instr.model.name,
             noise_seed=round_noise_seed(instr.seed, site_index, instr.server_round),
+            # simulated sites follow the default site policy for calibration statistics
+            release_noise_multiplier=StatisticsRule().dp_noise_multiplier
+            if instr.calibration else None,
         )
         return controller.bind_round(run_id, instr.server_round, instr.total_rounds)
 

@@ -36,14 +36,18 @@ class StatisticsRule:
     share : bool
         Send per-class feature sums at all.
     min_class_count : int
-        Withhold every class with fewer images than this at the site.
+        Withhold every class with fewer images than this at the site (exact statistics).
     reason : str
         Why the site declines (shown at the coordinator) when ``share`` is false.
+    dp_noise_multiplier : float or None
+        When the site trains the run with local DP: send the statistics through the Gaussian
+        mechanism with this noise multiplier, accounted in the privacy ledger (None: decline).
     """
 
     share: bool = True
     min_class_count: int = 20
     reason: str = ""
+    dp_noise_multiplier: float | None = 5.0
 
 
 @dataclass

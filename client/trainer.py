@@ -30,7 +30,9 @@ from consilia.common.transforms import (
     make_loader,
 )
 
-__all__ = ["ImageData", "SiteTrainer", "build_task_model", "evaluate_on", "train_model"]
+__all__ = [
+    "ImageData", "SiteTrainer", "build_task_model", "eval_loader", "evaluate_on", "train_model",
+]
 
 
 @dataclass
@@ -100,7 +102,8 @@ def train_model(
     return result.loss, result.num_examples, result.steps
 
 
-def _eval_loader(data: ImageData, train: TrainConfig, task: TaskSpec, batch_size: int):
+def eval_loader(data: ImageData, train: TrainConfig, task: TaskSpec, batch_size: int):
+    """Return an unshuffled loader of ``data`` with evaluation preprocessing (no augmentation)."""
     return make_loader(
         _dataset(data, train, task, 0, augment=False), batch_size, shuffle=False, seed=0
     )
@@ -110,7 +113,7 @@ def evaluate_on(
     model: nn.Module, data: ImageData, train: TrainConfig, task: TaskSpec, batch_size: int = 256
 ):
     """Evaluate ``model`` on ``data``: returns an :class:`~consilia.common.engine.EvalResult`."""
-    loader = _eval_loader(data, train, task, batch_size)
+    loader = eval_loader(data, train, task, batch_size)
     loss_fn = build_loss(train.loss, task.num_classes, None, train.focal_gamma)
     return evaluate_model(model, loader, loss_fn)
 
@@ -217,8 +220,40 @@ class SiteTrainer:
         if not len(self.train_data):
             raise ValueError(f"site {self.name} has no training images")
         model = self._model(instr, state)
-        loader = _eval_loader(self.train_data, instr.train, instr.task, 256)
+        loader = eval_loader(self.train_data, instr.train, instr.task, 256)
         return collect_feature_stats(model, loader, instr.task.num_classes, min_class_count)
+
+    def trains_with_dp(self, instr: RoundInstruction) -> object | None:
+        """Return the privacy controller when this site trains ``instr``'s run with local DP."""
+        if self.privacy_factory is None:
+            return None
+        return self.privacy_factory(instr, len(self.train_data))
+
+    def private_feature_stats(
+        self, state: OrderedDict, instr: RoundInstruction, privacy: object, clip_norm: float
+    ) -> tuple[FeatureStats, float, float]:
+        """Feature statistics through the Gaussian mechanism, accounted before they leave.
+
+        Features are clipped to ``clip_norm``; no class is withheld (the noise protects a
+        rare class, and withholding by the true count would itself disclose it). The release
+        is recorded in the privacy ledger first (refused if it does not fit the budget).
+
+        Returns
+        -------
+        tuple
+            ``(noised statistics, lifetime epsilon after the release, noise multiplier)``.
+        """
+        if not len(self.train_data):
+            raise ValueError(f"site {self.name} has no training images")
+        sigma = float(privacy.release_noise_multiplier)  # type: ignore[attr-defined]
+        epsilon = privacy.release_feature_statistics(  # type: ignore[attr-defined]
+            len(self.train_data))
+        model = self._model(instr, state)
+        loader = eval_loader(self.train_data, instr.train, instr.task, 256)
+        stats = collect_feature_stats(model, loader, instr.task.num_classes, 1,
+                                      clip_norm=clip_norm)
+        rng = privacy.release_rng()  # type: ignore[attr-defined]
+        return stats.with_gaussian_noise(sigma, clip_norm, rng), float(epsilon), sigma
 
 
 def _finite(value: float) -> float:

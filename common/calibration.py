@@ -12,8 +12,11 @@ accuracy swings from round to round. CCVR fixes the head after training:
    exact pooled per-class mean and covariance, draws virtual features from those Gaussians
    and re-fits only the classifier head on them (:func:`fit_head_on_virtual_features`).
 
-Only class-level aggregates leave a site, never a per-image value. They are not covered by
-a site's DP-SGD guarantee, which is why sites training with local DP decline the request.
+Only class-level aggregates leave a site, never a per-image value. A site training with
+local DP sends them only through the Gaussian mechanism (:meth:`FeatureStats.with_gaussian_noise`
+on features clipped to the coordinator's norm bound), accounted in its privacy ledger like a
+DP-SGD step; the coordinator then keeps only the classes whose noisy count clearly exceeds
+the noise (``min_count`` of :meth:`FeatureStats.gaussians`).
 """
 
 from __future__ import annotations
@@ -33,8 +36,12 @@ __all__ = [
     "HeadFitResult",
     "classifier_head",
     "collect_feature_stats",
+    "feature_norms",
     "fit_head_on_virtual_features",
 ]
+
+#: Noisy counts must exceed this many standard deviations of their noise to count a class.
+NOISY_COUNT_SDS = 3.0
 
 
 class CalibrationError(ValueError):
@@ -122,13 +129,52 @@ class FeatureStats:
             self.outer_sums * keep[:, None, None],
         )
 
-    def gaussians(self, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def with_gaussian_noise(
+        self, noise_multiplier: float, clip_norm: float, rng: np.random.Generator
+    ) -> FeatureStats:
+        """Release these statistics through the Gaussian mechanism (differential privacy).
+
+        The statistics must come from features clipped to ``clip_norm``
+        (:func:`collect_feature_stats` with ``clip_norm``). One image changes the counts by
+        a one-hot vector (norm 1), the sums by ``f`` (norm <= C) and the outer sums by
+        ``f f^T`` (Frobenius norm ``|f|^2 <= C^2``). Scaling the three parts by 1, 1/C and
+        1/C^2 gives an L2 sensitivity of sqrt(3), so Gaussian noise of standard deviation
+        ``noise_multiplier * sqrt(3)`` times (1, C, C^2) on every entry is one Gaussian
+        mechanism with that noise multiplier: to the accountant, one DP-SGD step at sampling
+        rate 1.
+
+        Parameters
+        ----------
+        noise_multiplier : float
+            Noise standard deviation over sensitivity (sigma).
+        clip_norm : float
+            The bound C the features were clipped to.
+        rng : numpy.random.Generator
+            Noise source (seeded from the OS at a real site).
+        """
+        if not noise_multiplier > 0 or not clip_norm > 0:
+            raise CalibrationError("the Gaussian mechanism needs a positive noise multiplier "
+                                   "and clip norm")
+        scale = float(noise_multiplier) * np.sqrt(3.0)
+        return FeatureStats(
+            self.counts + rng.normal(0.0, scale, self.counts.shape),
+            self.sums + rng.normal(0.0, scale * clip_norm, self.sums.shape),
+            self.outer_sums + rng.normal(0.0, scale * clip_norm**2, self.outer_sums.shape),
+        )
+
+    def gaussians(
+        self, ridge: float = 1e-3, min_count: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return ``(present classes, means (K,D), covariances (K,D,D))``.
 
         ``ridge`` times the mean feature variance (plus 1e-6) is added to each diagonal so
         that a class seen a few times still gives a valid (positive definite) covariance.
+        A class counts as present when its count is above 0 and at least ``min_count``
+        (noisy statistics: a few standard deviations of the count noise). Covariances are
+        made symmetric; negative eigenvalues (noise) are clipped when virtual features are
+        drawn.
         """
-        present = np.flatnonzero(self.counts > 0)
+        present = np.flatnonzero((self.counts > 0) & (self.counts >= min_count))
         if present.size == 0:
             raise CalibrationError("no class has any image in the feature statistics")
         n = self.counts[present]
@@ -162,7 +208,11 @@ def classifier_head(model: nn.Module, num_classes: int) -> nn.Linear:
 
 @torch.no_grad()
 def collect_feature_stats(
-    model: nn.Module, loader: DataLoader, num_classes: int, min_count: int = 1
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    min_count: int = 1,
+    clip_norm: float | None = None,
 ) -> FeatureStats:
     """Pass ``loader`` through ``model`` and sum the head's input features per class.
 
@@ -176,6 +226,9 @@ def collect_feature_stats(
         Size of the label space.
     min_count : int
         Classes with fewer images at this site are withheld (sent as zeros).
+    clip_norm : float, optional
+        Scale every feature vector down to at most this L2 norm first (the bound the
+        Gaussian mechanism's sensitivity rests on).
 
     Returns
     -------
@@ -202,6 +255,9 @@ def collect_feature_stats(
         for images, labels in loader:
             logits = model(images)
             feats = captured["features"].flatten(1).double().cpu()
+            if clip_norm is not None:
+                norms = feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                feats = feats * (float(clip_norm) / norms).clamp(max=1.0)
             if captured["logits"].shape != logits.shape or not torch.equal(
                 captured["logits"], logits.detach()
             ):
@@ -221,6 +277,30 @@ def collect_feature_stats(
     if stats is None:
         raise CalibrationError("the site has no images to compute feature statistics on")
     return stats.withhold_small_classes(min_count)
+
+
+@torch.no_grad()
+def feature_norms(model: nn.Module, loader: DataLoader, num_classes: int) -> np.ndarray:
+    """L2 norms of the classifier head's input features over ``loader`` (labels unused).
+
+    The coordinator takes its clip bound for DP sites' statistics from its own test images.
+    """
+    head = classifier_head(model, num_classes)
+    norms: list[np.ndarray] = []
+
+    def _hook(_module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
+        norms.append(inputs[0].detach().flatten(1).double().norm(dim=1).cpu().numpy())
+
+    handle = head.register_forward_hook(_hook)
+    model.eval()
+    try:
+        for images, _labels in loader:
+            model(images)
+    finally:
+        handle.remove()
+    if not norms:
+        raise CalibrationError("no images to measure feature norms on")
+    return np.concatenate(norms)
 
 
 def _covariance_root(cov: np.ndarray) -> np.ndarray:
@@ -248,6 +328,7 @@ def fit_head_on_virtual_features(
     momentum: float = 0.9,
     batch_size: int = 256,
     seed: int = 0,
+    min_count: float = 0.0,
 ) -> HeadFitResult:
     """Re-fit ``head`` in place on features drawn from the pooled per-class Gaussians.
 
@@ -265,6 +346,8 @@ def fit_head_on_virtual_features(
         quarter of the steps).
     seed : int
         Seed of the draws and the shuffling (same seed, same head).
+    min_count : float
+        Classes with a smaller (noisy) count are left out (see :meth:`FeatureStats.gaussians`).
 
     Returns
     -------
@@ -276,7 +359,7 @@ def fit_head_on_virtual_features(
             f"feature statistics are {stats.num_classes} classes x {stats.dim} features but "
             f"the head maps {head.in_features} -> {head.out_features}"
         )
-    present, means, covs = stats.gaussians()
+    present, means, covs = stats.gaussians(min_count=min_count)
     gen = torch.Generator().manual_seed(int(seed))
     feats, labels = [], []
     for cls, mean, cov in zip(present, means, covs, strict=True):

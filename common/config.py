@@ -169,6 +169,11 @@ class CalibrationConfig(StrictModel):
     min_sites: int | None = Field(
         None, ge=1, description="sites that must send statistics (None = min_train_sites)"
     )
+    feature_clip_norm: float | None = Field(
+        None, gt=0, description="L2 bound on features for sites that answer with DP-noised "
+        "statistics (None = the 90th percentile of the final model's feature norms on the "
+        "coordinator's test images)"
+    )
 
 
 class StrategyConfig(StrictModel):

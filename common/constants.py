@@ -44,6 +44,8 @@ class ConfigKey(StrEnum):
     TOTAL_ROUNDS = "total-rounds"
     PROXIMAL_MU = "proximal-mu"
     QUERY = "consilia-query"
+    CALIBRATION = "calibration"
+    FEATURE_CLIP_NORM = "feature-clip-norm"
 
 
 class QueryName(StrEnum):
@@ -66,3 +68,4 @@ class MetricKey(StrEnum):
     EPSILON = "epsilon"
     DELTA = "delta"
     TRAIN_SECONDS = "train-seconds"
+    DP_NOISE_MULTIPLIER = "dp-noise-multiplier"

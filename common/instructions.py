@@ -29,6 +29,7 @@ class RoundInstruction:
     task: TaskSpec
     dp: DPConfig
     proximal_mu: float = 0.0
+    calibration: bool = False
 
     @classmethod
     def base_config(cls, run: RunConfig) -> ConfigRecord:
@@ -44,6 +45,7 @@ class RoundInstruction:
                 ConfigKey.TRAIN_JSON.value: run.train.model_dump_json(),
                 ConfigKey.TASK_JSON.value: run.task.model_dump_json(),
                 ConfigKey.DP_JSON.value: run.dp.model_dump_json(),
+                ConfigKey.CALIBRATION.value: run.strategy.calibration.enabled,
             }
         )
 
@@ -61,6 +63,7 @@ class RoundInstruction:
                 task=TaskSpec.model_validate_json(str(record[ConfigKey.TASK_JSON.value])),
                 dp=DPConfig.model_validate_json(str(record[ConfigKey.DP_JSON.value])),
                 proximal_mu=float(record.get(ConfigKey.PROXIMAL_MU.value, 0.0)),  # type: ignore[arg-type]
+                calibration=bool(record.get(ConfigKey.CALIBRATION.value, False)),
             )
         except KeyError as exc:
             raise ValueError(f"instruction from the coordinator lacks key {exc}") from None

@@ -80,6 +80,12 @@ def format_final(final: dict[str, Any], site_names: dict[str, str] | None = None
             lines.append(f"calibration: classifier head re-fitted from the feature statistics "
                          f"of {len(cal.get('sites') or [])} site(s) ({used}), "
                          f"{cal.get('images')} images")
+            noised = cal.get("noised_sites") or {}
+            if noised:
+                lines.append("  DP-noised statistics (local DP sites, features clipped to "
+                             f"{_fmt(cal.get('feature_clip_norm'))}): " + ", ".join(
+                                 f"{names.get(s, s)} (noise {sigma:g})"
+                                 for s, sigma in sorted(noised.items())))
         else:
             lines.append(f"calibration: not applied: {cal.get('reason', '')}")
         if declined:

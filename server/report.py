@@ -743,6 +743,12 @@ def _calibration_note(outcome: Any) -> str:
                 f"{outcome.get('virtual_per_class')} virtual features per class from the "
                 f"per-class feature statistics of {len(outcome.get('sites') or [])} site(s) "
                 f"({outcome.get('images')} images).")
+        noised = outcome.get("noised_sites") or {}
+        if noised:
+            text += (f" {len(noised)} of them trained with local DP and sent Gaussian-noised "
+                     f"statistics (noise multiplier {', '.join(f'{v:g}' for v in noised.values())}"
+                     f"; features clipped to {outcome.get('feature_clip_norm'):.3g}), accounted "
+                     "in their privacy ledgers.")
     else:
         text = f"Classifier calibration was not applied: {outcome.get('reason', '')}"
     return _note(text + (f" Declined: {why}." if why else ""))

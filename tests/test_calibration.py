@@ -17,6 +17,7 @@ from consilia.common.calibration import (
     FeatureStats,
     classifier_head,
     collect_feature_stats,
+    feature_norms,
     fit_head_on_virtual_features,
 )
 from consilia.common.models import MODELS, build_model
@@ -50,6 +51,36 @@ def test_site_statistics_add_up_to_the_pooled_statistics_exactly() -> None:
         np.testing.assert_allclose(whole.sums[c], fc.sum(0).numpy(), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(whole.outer_sums[c], (fc.T @ fc).numpy(), rtol=1e-6,
                                    atol=1e-6)
+
+
+def test_clipped_statistics_bound_every_feature_and_the_noise_has_the_mechanisms_scale() -> None:
+    torch.manual_seed(0)
+    model = build_model("cnn", 1, 3, 16, width=4).eval()
+    x, y = torch.rand(40, 1, 16, 16), torch.randint(0, 3, (40,))
+    norms = feature_norms(model, _loader(x, y), 3)
+    np.testing.assert_allclose(norms, _features(model, x).norm(dim=1).numpy(), rtol=1e-6)
+    clip = float(np.median(norms))
+    clipped = collect_feature_stats(model, _loader(x, y), 3, clip_norm=clip)
+    f = _features(model, x)
+    f = f * (clip / f.norm(dim=1, keepdim=True)).clamp(max=1.0)
+    np.testing.assert_allclose(clipped.sums.sum(0), f.sum(0).numpy(), rtol=1e-6)
+    assert clipped.counts.sum() == 40  # clipping never drops an image
+    # Gaussian mechanism: sd sqrt(3)*sigma times 1, C and C^2 on counts, sums, outer sums
+    big = FeatureStats.zeros(200, 30)
+    noisy = big.with_gaussian_noise(2.0, 3.0, np.random.default_rng(0))
+    sd = 2.0 * np.sqrt(3.0)
+    assert np.std(noisy.counts) == pytest.approx(sd, rel=0.15)
+    assert np.std(noisy.sums) == pytest.approx(sd * 3.0, rel=0.05)
+    assert np.std(noisy.outer_sums) == pytest.approx(sd * 9.0, rel=0.05)
+    with pytest.raises(CalibrationError, match="positive"):
+        big.with_gaussian_noise(0.0, 3.0, np.random.default_rng(0))
+
+
+def test_noisy_classes_below_the_count_threshold_are_left_out() -> None:
+    stats = FeatureStats(np.array([100.0, 4.0, -3.0]), np.ones((3, 2)), np.ones((3, 2, 2)))
+    present, _means, covs = stats.gaussians(min_count=10.0)
+    assert present.tolist() == [0]
+    assert np.all(np.linalg.eigvalsh(covs[0]) > -1e-9)
 
 
 def test_classes_below_the_site_minimum_are_withheld() -> None:
@@ -165,7 +196,10 @@ def test_site_policy_decides_whether_statistics_are_shared() -> None:
     off = statistics_rule_for(SitePolicy.model_validate({"feature_statistics": {"share": False}}))
     assert not off.share and "policy.feature_statistics.share" in off.reason
     dp = statistics_rule_for(SitePolicy.model_validate({"dp": {"required": True}}))
-    assert not dp.share and "local DP" in dp.reason
+    assert dp.share and dp.dp_noise_multiplier == 5.0  # noised, accounted in the ledger
+    no_noised = statistics_rule_for(SitePolicy.model_validate(
+        {"dp": {"required": True}, "feature_statistics": {"dp_noise_multiplier": None}}))
+    assert not no_noised.share and "dp_noise_multiplier" in no_noised.reason
     rule = statistics_rule_for(SitePolicy.model_validate(
         {"feature_statistics": {"min_class_count": 50}}))
     assert rule.share and rule.min_class_count == 50
@@ -216,16 +250,64 @@ def test_federation_calibrates_the_head_with_class_aggregates_only(tmp_path: Pat
         assert audit_reply(reply, shapes, "query") == []
 
 
-def test_sites_training_with_local_dp_decline_and_the_model_is_kept(tmp_path: Path) -> None:
+def test_dp_sites_send_noised_statistics_accounted_within_the_runs_epsilon(tmp_path: Path) -> None:
+    from consilia.client.ledger import PrivacyLedger
+    from consilia.client.privacy import EPSILON_SLACK
+    from consilia.client.sim_privacy import sim_ledger_path
+    from consilia.simulations.message_audit import audit_reply
+
+    cfg, result, replies = _experiment(tmp_path, "dp.enabled=true", "dp.target_epsilon=8")
+    final = json.loads((result.run_dir / "federated_metrics.json").read_text())
+    cal = final["calibration"]
+    assert cal["applied"], cal
+    assert cal["noised_sites"] == {"site-00": 5.0, "site-01": 5.0, "site-02": 5.0}
+    assert cal["feature_clip_norm"] > 0 and cal["declined"] == {}
+    queries = [r for r in replies if r.metadata.message_type.startswith("query")]
+    shapes = model_shapes(cfg, result.run_dir)
+    for reply in queries:
+        assert audit_reply(reply, shapes, "query") == []
+        assert reply.content["metrics"]["dp-noise-multiplier"] == 5.0
+    for site in ("site-00", "site-01", "site-02"):
+        ledger = PrivacyLedger(sim_ledger_path(result.run_dir, site))
+        ledger.load()
+        entry = ledger.entry(site)
+        kinds = [r.kind for r in entry.rounds]
+        assert kinds == ["train", "train", "feature-statistics"], kinds
+        release = entry.rounds[-1]
+        assert (release.steps, release.sample_rate, release.noise_multiplier) == (1, 1.0, 5.0)
+        # the run's noise was planned with the release: the whole run stays within its request
+        assert entry.epsilon_spent <= 8 + EPSILON_SLACK, entry.epsilon_spent
+        assert entry.rounds_taken == 2 and entry.statistics_releases == 1
+        assert "noised release" in entry.to_text()
+
+
+def test_dp_sites_that_send_no_noised_statistics_decline_and_the_model_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from consilia.client import site_runtime
+
+    monkeypatch.setattr(site_runtime.StatisticsRule, "__init__", _rule_without_noise())
     _cfg, result, replies = _experiment(tmp_path, "dp.enabled=true", "dp.target_epsilon=8")
     final = json.loads((result.run_dir / "federated_metrics.json").read_text())
     cal = final["calibration"]
     assert not cal["applied"] and "kept uncalibrated" in cal["reason"]
     assert set(cal["declined"]) == {"site-00", "site-01", "site-02"}
-    assert all("local DP" in why for why in cal["declined"].values())
+    assert all("dp_noise_multiplier" in why for why in cal["declined"].values())
     assert "federated_before_calibration" not in final
     queries = [r for r in replies if r.metadata.message_type.startswith("query")]
     assert len(queries) == 3 and all(r.has_error() for r in queries)
+
+
+def _rule_without_noise():
+    from consilia.client.site_runtime import StatisticsRule
+
+    original = StatisticsRule.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        object.__setattr__(self, "dp_noise_multiplier", None)
+
+    return init
 
 
 def test_audit_flags_anything_but_class_aggregates_in_a_query_reply() -> None:

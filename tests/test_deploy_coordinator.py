@@ -304,6 +304,11 @@ def test_final_lines_report_calibration_and_test_metrics():
                         "(before calibration: accuracy 0.8000, AUC 0.9700)")
     skipped = format_final({"calibration": {"applied": False, "reason": "only 1 of 2"}})
     assert skipped == ["calibration: not applied: only 1 of 2"]
+    noised = format_final({"calibration": {"applied": True, "sites": ["a"], "images": 9,
+                                           "noised_sites": {"a": 5.0},
+                                           "feature_clip_norm": 5.25}})
+    assert noised[1] == ("  DP-noised statistics (local DP sites, features clipped to 5.2500): "
+                         "a (noise 5)")
 
 
 # -- reverse proxy ------------------------------------------------------------------------------

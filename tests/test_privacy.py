@@ -430,3 +430,59 @@ def test_noise_and_sampling_do_not_follow_the_coordinator_known_torch_seed(
     assert not all(torch.equal(a, b) for a, b in zip(secret_a, secret_b, strict=True))
     seeded_a, seeded_b = one_round("c.json", 7, 1), one_round("d.json", 7, 2)
     assert all(torch.equal(a, b) for a, b in zip(seeded_a, seeded_b, strict=True))
+
+
+# ---------------------------------------------------------------------------------------
+# Noised feature statistics for classifier calibration (one Gaussian release per run)
+
+
+def _release_controller(path: Path, budget: float = 3.0, sigma: float | None = 5.0):
+    return PrivacyController(_dp(), budget, None, PrivacyLedger(path), KEY, model_name="cnn",
+                             noise_seed=1, release_noise_multiplier=sigma)
+
+
+def test_a_run_planned_with_a_release_stays_within_its_epsilon_after_it(tmp_path: Path) -> None:
+    plain = _controller(tmp_path / "plain.json", _dp(), budget=3.0)
+    sigma_plain = plain.calibrate(N, BATCH, 2, 1, run_id="r")
+    ctrl = _release_controller(tmp_path / "l.json").bind_round("r", 2, 2)
+    sigma = ctrl.calibrate(N, BATCH, 2, 1, run_id="r")
+    assert sigma > sigma_plain  # the release's share of the run's epsilon is reserved
+    cal = ctrl.calibration
+    assert cal is not None and cal.reserved_release_noise == 5.0
+    assert cal.planned_run_epsilon == pytest.approx(3.0, abs=0.02)
+    for rnd in (1, 2):
+        _accounting_round(ctrl, "r", rnd)
+    spent = ctrl.release_feature_statistics(N)
+    expected = _rdp_epsilon([(sigma, cal.sample_rate, 2 * cal.steps_per_round), (5.0, 1.0, 1)])
+    assert spent == pytest.approx(expected, rel=1e-6) and spent <= 3.0 + 0.02
+    entry = ctrl.ledger.entry(KEY)
+    assert [r.kind for r in entry.rounds] == ["train", "train", "feature-statistics"]
+    assert entry.rounds_taken == 2 and entry.statistics_releases == 1
+
+
+def test_a_release_that_does_not_fit_is_refused_and_nothing_is_recorded(tmp_path: Path) -> None:
+    unplanned = _controller(tmp_path / "a.json", _dp(), budget=3.0).bind_round("r", 1, 1)
+    unplanned.calibrate(N, BATCH, 1, 1, run_id="r")
+    _accounting_round(unplanned, "r", 1)  # spends the run's whole epsilon
+    unplanned.release_noise_multiplier = 5.0
+    with pytest.raises(PrivacyBudgetExceeded, match="feature statistics"):
+        unplanned.release_feature_statistics(N)
+    assert [r.kind for r in unplanned.ledger.entry(KEY).rounds] == ["train"]
+    tiny = _release_controller(tmp_path / "b.json", budget=0.5).bind_round("s", 1, 1)
+    with pytest.raises(PrivacyBudgetExceeded, match="over the site's budget"):
+        tiny.release_feature_statistics(N)  # sigma 5 alone costs about 0.8
+    with pytest.raises(PrivacyConfigError, match="dp_noise_multiplier"):
+        _release_controller(tmp_path / "c.json", sigma=None).bind_round("s", 1, 1) \
+            .release_feature_statistics(N)
+    gdp = PrivacyController(_dp(accountant="gdp"), 3.0, None, PrivacyLedger(tmp_path / "d.json"),
+                            KEY, release_noise_multiplier=5.0).bind_round("s", 1, 1)
+    with pytest.raises(PrivacyConfigError, match="GDP"):
+        gdp.release_feature_statistics(N)
+
+
+def test_release_noise_comes_from_the_os_at_a_real_site(tmp_path: Path) -> None:
+    site = PrivacyController(_dp(), 3.0, None, PrivacyLedger(tmp_path / "l.json"), KEY,
+                             release_noise_multiplier=5.0)
+    assert site.release_rng().normal() != site.release_rng().normal()
+    sim = _release_controller(tmp_path / "m.json")
+    assert sim.release_rng().normal() == sim.release_rng().normal()
