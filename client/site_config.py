@@ -60,8 +60,9 @@ Example (every optional field shown with its default, except where marked)::
         accountant: rdp
         dataset_key: chest-xray-2024      # (default: the site name)
       feature_statistics:                 # classifier calibration after the last round
-        share: true                       # per-class feature sums; declined under local DP
+        share: true                       # send per-class feature sums (no per-image value)
         min_class_count: 20               # withhold classes rarer than this here
+        dp_noise_multiplier: 5.0          # local-DP runs: noised, in the ledger; null: decline
       approved_apps: ["consilia/consilia-run==0.1.0"]   # default: the installed version
     runtime:
       isolation: process                  # subprocess = Flower's default (no approval)

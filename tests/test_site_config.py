@@ -254,6 +254,34 @@ def test_site_enforces_its_own_dp_and_accounts_it_in_the_ledger(site_yaml):
     assert ledger.is_file() and '"run_id": "11"' in ledger.read_text()
 
 
+def test_dp_site_plans_and_accounts_its_noised_calibration_statistics(site_yaml):
+    import dataclasses
+
+    import numpy as np
+
+    from consilia.client.ledger import PrivacyLedger
+    from consilia.client.trainer import build_task_model
+
+    _edit(site_yaml, policy={"dp": {"required": True, "max_run_epsilon": 3.0,
+                                    "budget_epsilon": 5.0, "delta": 1e-3}})
+    instr = dataclasses.replace(_instr(rounds=1, batch=5), calibration=True)
+    site = load_deployed_site(site_yaml, instr, run_id=12)
+    controller = site.trainer.trains_with_dp(instr)
+    assert controller is not None and controller.release_noise_multiplier == 5.0
+    state = build_task_model("cnn", {}, instr.task).state_dict()
+    site.trainer.fit(state, instr)
+    stats, epsilon, sigma = site.trainer.private_feature_stats(
+        state, instr, site.trainer.trains_with_dp(instr), clip_norm=1.0)
+    assert sigma == 5.0 and 0 < epsilon <= 3.0 + 1e-2  # planned within the run's epsilon
+    assert stats.counts.shape == (2,) and not np.allclose(stats.counts.round(), stats.counts)
+    ledger = PrivacyLedger(site_yaml.parent / "state" / "privacy-ledger.json")
+    ledger.load()
+    assert [r.kind for r in ledger.entry("hospital-a").rounds] == ["train", "feature-statistics"]
+    _edit(site_yaml, policy__feature_statistics={"share": False})
+    unshared = load_deployed_site(site_yaml, instr, run_id=13)
+    assert unshared.trainer.trains_with_dp(instr).release_noise_multiplier is None
+
+
 def test_module_docstring_example_validates(tmp_path):
     import consilia.client.site_config as module
 
