@@ -182,6 +182,11 @@ _NO_EMPTY_BATCH_MODES = ("ew", "functorch")
 EPSILON_SLACK = 1e-9
 
 
+#: A calibration release is planned into a run only when, on its own, it costs at most this
+#: share of the run's epsilon (otherwise DP-SGD would keep too little; the site declines it).
+RELEASE_SHARE_LIMIT = 0.5
+
+
 class PrivacyBudgetExceeded(RuntimeError):  # noqa: N818 (name fixed by the design brief)
     """Training one more round would exceed a privacy budget; the site refuses to train.
 
@@ -665,6 +670,12 @@ class PrivacyController:
         history = entry.accountant_state
         # the run's one feature-statistics release (Gaussian, sampling rate 1), planned in
         reserved = self._reserved_release(mechanism)
+        if reserved and self._eps(AccountantState(mechanism=mechanism, history=reserved),
+                                  delta) > RELEASE_SHARE_LIMIT * min(request, budget):
+            log.info("run %s: the feature-statistics release alone would cost more than half "
+                     "of ε=%.3f; not planned (the site will decline it)", run_id,
+                     min(request, budget))
+            reserved = []
         with_release = AccountantState(mechanism=mechanism,
                                        history=[*history.history, *reserved])
         release_only = AccountantState(mechanism=mechanism, history=list(reserved))

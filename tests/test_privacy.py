@@ -480,6 +480,16 @@ def test_a_release_that_does_not_fit_is_refused_and_nothing_is_recorded(tmp_path
         gdp.release_feature_statistics(N)
 
 
+def test_a_release_too_costly_for_a_small_run_is_not_planned(tmp_path: Path) -> None:
+    ctrl = PrivacyController(_dp(target_epsilon=1.0), 3.0, None, PrivacyLedger(tmp_path / "l"),
+                             KEY, release_noise_multiplier=5.0).bind_round("r", 1, 1)
+    ctrl.calibrate(N, BATCH, 1, 1, run_id="r")  # sigma 5 alone: about 0.8 of the run's 1.0
+    assert ctrl.calibration is not None and ctrl.calibration.reserved_release_noise is None
+    _accounting_round(ctrl, "r", 1)
+    with pytest.raises(PrivacyBudgetExceeded, match="asked for"):
+        ctrl.release_feature_statistics(N)
+
+
 def test_release_noise_comes_from_the_os_at_a_real_site(tmp_path: Path) -> None:
     site = PrivacyController(_dp(), 3.0, None, PrivacyLedger(tmp_path / "l.json"), KEY,
                              release_noise_multiplier=5.0)
