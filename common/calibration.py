@@ -21,7 +21,7 @@ the noise (``min_count`` of :meth:`FeatureStats.gaussians`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -241,6 +241,31 @@ def collect_feature_stats(
         If the head found by :func:`classifier_head` does not produce the model's output
         (then its input is not the feature the logits are a linear function of).
     """
+    stats: FeatureStats | None = None
+    for feats, labels in _head_inputs(model, loader, num_classes):
+        if clip_norm is not None:
+            norms = feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            feats = feats * (float(clip_norm) / norms).clamp(max=1.0)
+        if stats is None:
+            stats = FeatureStats.zeros(num_classes, feats.shape[1])
+        y = labels.long().cpu()
+        onehot = F.one_hot(y, num_classes).double()  # (B, C)
+        stats.counts += onehot.sum(0).numpy()
+        stats.sums += (onehot.T @ feats).numpy()
+        stats.outer_sums += torch.einsum("bc,bi,bj->cij", onehot, feats, feats).numpy()
+    if stats is None:
+        raise CalibrationError("the site has no images to compute feature statistics on")
+    return stats.withhold_small_classes(min_count)
+
+
+def _head_inputs(
+    model: nn.Module, loader: DataLoader, num_classes: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(head input features (B, D) float64, labels)`` per batch of ``loader``.
+
+    Checks on every batch that the head found by :func:`classifier_head` produces the
+    model's output (else its input is not the feature the logits are linear in).
+    """
     head = classifier_head(model, num_classes)
     captured: dict[str, torch.Tensor] = {}
 
@@ -250,54 +275,28 @@ def collect_feature_stats(
 
     handle = head.register_forward_hook(_hook)
     model.eval()
-    stats: FeatureStats | None = None
     try:
         for images, labels in loader:
-            logits = model(images)
-            feats = captured["features"].flatten(1).double().cpu()
-            if clip_norm is not None:
-                norms = feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                feats = feats * (float(clip_norm) / norms).clamp(max=1.0)
+            with torch.no_grad():
+                logits = model(images)
             if captured["logits"].shape != logits.shape or not torch.equal(
-                captured["logits"], logits.detach()
+                captured["logits"], logits
             ):
                 raise CalibrationError(
                     f"the last {num_classes}-output Linear of {type(model).__name__} is not "
                     "the model's output layer; classifier calibration does not apply"
                 )
-            if stats is None:
-                stats = FeatureStats.zeros(num_classes, feats.shape[1])
-            y = labels.long().cpu()
-            onehot = F.one_hot(y, num_classes).double()  # (B, C)
-            stats.counts += onehot.sum(0).numpy()
-            stats.sums += (onehot.T @ feats).numpy()
-            stats.outer_sums += torch.einsum("bc,bi,bj->cij", onehot, feats, feats).numpy()
+            yield captured["features"].flatten(1).double().cpu(), labels
     finally:
         handle.remove()
-    if stats is None:
-        raise CalibrationError("the site has no images to compute feature statistics on")
-    return stats.withhold_small_classes(min_count)
 
 
-@torch.no_grad()
 def feature_norms(model: nn.Module, loader: DataLoader, num_classes: int) -> np.ndarray:
     """L2 norms of the classifier head's input features over ``loader`` (labels unused).
 
     The coordinator takes its clip bound for DP sites' statistics from its own test images.
     """
-    head = classifier_head(model, num_classes)
-    norms: list[np.ndarray] = []
-
-    def _hook(_module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
-        norms.append(inputs[0].detach().flatten(1).double().norm(dim=1).cpu().numpy())
-
-    handle = head.register_forward_hook(_hook)
-    model.eval()
-    try:
-        for images, _labels in loader:
-            model(images)
-    finally:
-        handle.remove()
+    norms = [feats.norm(dim=1).numpy() for feats, _ in _head_inputs(model, loader, num_classes)]
     if not norms:
         raise CalibrationError("no images to measure feature norms on")
     return np.concatenate(norms)
