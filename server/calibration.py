@@ -71,7 +71,8 @@ def feature_clip_norm(run: RunConfig, recorder: RunRecorder, arrays: ArrayRecord
     """Return the L2 bound DP sites clip features to (configured, or from the test set).
 
     Without a configured bound, the 90th percentile of the final model's head-input norms
-    on (up to 2,000 of) the coordinator's own test images; None when it has none.
+    on (up to 2,000, evenly spread) of the coordinator's own test images; None when it has
+    none.
     """
     configured = run.strategy.calibration.feature_clip_norm
     if configured is not None:
@@ -83,7 +84,8 @@ def feature_clip_norm(run: RunConfig, recorder: RunRecorder, arrays: ArrayRecord
 
     model = copy.deepcopy(recorder.model)
     load_arrays_into_model(model, arrays)
-    subset = ImageData(data.images[:2000], data.labels[:2000])
+    pick = np.unique(np.linspace(0, len(data) - 1, min(len(data), 2000)).astype(int))
+    subset = ImageData(data.images[pick], data.labels[pick])  # spread over the whole set
     norms = feature_norms(model, eval_loader(subset, run.train, run.task, 256),
                           run.task.num_classes)
     return float(np.quantile(norms, 0.9))
