@@ -745,10 +745,14 @@ def _calibration_note(outcome: Any) -> str:
                 f"({outcome.get('images')} images).")
         noised = outcome.get("noised_sites") or {}
         if noised:
+            levels = sorted(set(noised.values()))
+            noise = (f"noise multiplier {levels[0]:g}" if len(levels) == 1 else
+                     "noise multipliers " + ", ".join(f"{site}: {sigma:g}"
+                                                      for site, sigma in sorted(noised.items())))
             text += (f" {len(noised)} of them trained with local DP and sent Gaussian-noised "
-                     f"statistics (noise multiplier {', '.join(f'{v:g}' for v in noised.values())}"
-                     f"; features clipped to {outcome.get('feature_clip_norm'):.3g}), accounted "
-                     "in their privacy ledgers.")
+                     f"statistics ({noise}; features clipped to "
+                     f"{outcome.get('feature_clip_norm'):.3g}), accounted in their privacy "
+                     "ledgers.")
     else:
         text = f"Classifier calibration was not applied: {outcome.get('reason', '')}"
     return _note(text + (f" Declined: {why}." if why else ""))

@@ -152,3 +152,18 @@ def test_comparison_shows_the_model_before_calibration_and_who_declined(tmp_path
     assert "last round before classifier calibration" in comparison and "0.432" in comparison
     assert "2000 virtual features per class" in comparison
     assert "site-01: this site trains with local DP" in comparison
+
+
+def test_comparison_says_which_sites_sent_dp_noised_statistics(tmp_path):
+    run_dir = make_run_dir(tmp_path / "noised", dp=True)
+    final_path = run_dir / "final_metrics.json"
+    final = json.loads(final_path.read_text())
+    final["calibration"] = {"applied": True, "sites": ["site-00", "site-01"], "images": 80,
+                            "virtual_per_class": 500, "declined": {},
+                            "noised_sites": {"site-00": 5.0, "site-01": 5.0},
+                            "feature_clip_norm": 6.0554}
+    final_path.write_text(json.dumps(final))
+    build_report(run_dir, n_boot=20, gallery=1)
+    comparison = " ".join(_parse(run_dir / "report.html").sections["comparison"])
+    assert "2 of them trained with local DP and sent Gaussian-noised statistics" in comparison
+    assert "(noise multiplier 5; features clipped to 6.06)" in comparison
