@@ -749,10 +749,11 @@ def _calibration_note(outcome: Any) -> str:
             noise = (f"noise multiplier {levels[0]:g}" if len(levels) == 1 else
                      "noise multipliers " + ", ".join(f"{site}: {sigma:g}"
                                                       for site, sigma in sorted(noised.items())))
+            clip = outcome.get("feature_clip_norm")
+            bound = f"{clip:.3g}" if isinstance(clip, int | float) else "n/a"
             text += (f" {len(noised)} of them trained with local DP and sent Gaussian-noised "
-                     f"statistics ({noise}; features clipped to "
-                     f"{outcome.get('feature_clip_norm'):.3g}), accounted in their privacy "
-                     "ledgers.")
+                     f"statistics ({noise}; features clipped to {bound}), accounted in their "
+                     "privacy ledgers.")
     else:
         text = f"Classifier calibration was not applied: {outcome.get('reason', '')}"
     return _note(text + (f" Declined: {why}." if why else ""))
