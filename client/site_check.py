@@ -261,6 +261,16 @@ def _check_policy(config: SiteConfig, report: CheckReport) -> None:
         f"at most {policy.max_rounds} rounds per run; {dp_text}; lifetime budget "
         f"ε={dp.budget_epsilon:g} for dataset '{config.dataset_key}'"
     ))
+    stats = policy.feature_statistics
+    if not stats.share:
+        stats_text = "not shared (the site declines classifier calibration)"
+    else:
+        noised = ("Gaussian-noised (noise multiplier "
+                  f"{stats.dp_noise_multiplier:g}, in the privacy ledger)"
+                  if stats.dp_noise_multiplier is not None else "declined")
+        stats_text = (f"shared once per run when asked, classes under {stats.min_class_count} "
+                      f"images withheld; in runs trained with local DP: {noised}")
+    report.add("policy", OK, f"calibration feature statistics: {stats_text}")
     if config.runtime.isolation == "subprocess":
         report.add("app approval", WARN, "runtime.isolation is 'subprocess': Flower then runs "
                    "whatever ClientApp a run's bundle names and the approved list is NOT "

@@ -68,6 +68,9 @@ def test_check_good_setup_is_ready(good_site, coordinator, capsys):
     assert "[OK  ] data: 12 usable images (normal: 6, pneumonia: 6)" in out
     assert "[OK  ] authentication key:" in out and "mode 0600" in out
     assert "Usable images: 12 of 12 files found" in out  # the data scan's own report
+    assert ("calibration feature statistics: shared once per run when asked, classes under 20 "
+            "images withheld; in runs trained with local DP: Gaussian-noised (noise "
+            "multiplier 5, in the privacy ledger)") in out
     deadline = time.monotonic() + 5
     while server.handshakes == before and time.monotonic() < deadline:
         time.sleep(0.05)
