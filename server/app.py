@@ -48,11 +48,14 @@ def run_federation(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
     )
     arrays = result.arrays
     if run.strategy.calibration.enabled:
-        from consilia.server.calibration import calibrate_classifier
+        from consilia.server.calibration import calibrate_classifier, central_dp_outcome
 
         if arrays is None or len(arrays) == 0:
             arrays = arrays_from_model(recorder.model)
-        arrays, outcome = calibrate_classifier(grid, run, arrays, recorder)
+        if run.dp.enabled and run.dp.mode == "central":
+            outcome = central_dp_outcome()
+        else:
+            arrays, outcome = calibrate_classifier(grid, run, arrays, recorder)
         recorder.note_calibration(outcome.to_dict())
     final = recorder.finish(arrays)
     (run_dir / "federated_metrics.json").write_text(json.dumps(final, indent=2))

@@ -38,7 +38,8 @@ from consilia.common.instructions import RoundInstruction
 from consilia.common.serde import arrays_from_model, load_arrays_into_model
 from consilia.server.recorder import RunRecorder
 
-__all__ = ["CalibrationOutcome", "calibrate_classifier"]
+__all__ = ["CalibrationOutcome", "calibrate_classifier", "central_dp_outcome",
+           "feature_clip_norm"]
 
 logger = logging.getLogger("consilia.server")
 
@@ -65,6 +66,20 @@ class CalibrationOutcome:
     def to_dict(self) -> dict:
         """Return a JSON-ready dict."""
         return asdict(self)
+
+
+def central_dp_outcome() -> CalibrationOutcome:
+    """Return the outcome of a central-DP run: calibration skipped, the model kept as it is.
+
+    Central DP protects the released model at the level of whole sites by clipping and
+    noising the aggregated updates; a head re-fitted on the sites' exact feature statistics
+    would not be covered by that guarantee, so such a run keeps its uncalibrated model.
+    """
+    reason = ("the run uses central DP: a head re-fitted on the sites' exact feature "
+              "statistics would not be covered by its site-level guarantee; the global model "
+              "is kept uncalibrated (use local DP for noised statistics)")
+    logger.warning("calibration: %s", reason)
+    return CalibrationOutcome(applied=False, reason=reason)
 
 
 def feature_clip_norm(run: RunConfig, recorder: RunRecorder, arrays: ArrayRecord) -> float | None:

@@ -298,6 +298,15 @@ def test_dp_sites_that_send_no_noised_statistics_decline_and_the_model_is_kept(
     assert len(queries) == 3 and all(r.has_error() for r in queries)
 
 
+def test_a_central_dp_run_keeps_its_model_uncalibrated_and_asks_no_site(tmp_path: Path) -> None:
+    _cfg, result, replies = _experiment(tmp_path, "dp.enabled=true", "dp.mode=central")
+    final = json.loads((result.run_dir / "federated_metrics.json").read_text())
+    cal = final["calibration"]
+    assert not cal["applied"] and "central DP" in cal["reason"], cal
+    assert not [r for r in replies if r.metadata.message_type.startswith("query")]
+    assert "federated_before_calibration" not in final
+
+
 def _rule_without_noise():
     from consilia.client.site_runtime import StatisticsRule
 
