@@ -46,7 +46,7 @@ class FastPollGrid:
 
     """
 
-    def __init__(self, grid: Grid, first_poll_s: float = 0.05, max_poll_s: float = 0.5):
+    def __init__(self, grid: Grid, first_poll_s: float = 0.05, max_poll_s: float = 0.2):
         self._grid = grid
         self.first_poll_s = first_poll_s
         self.max_poll_s = max_poll_s

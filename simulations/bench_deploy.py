@@ -129,14 +129,15 @@ def _prepare_sites(work: Path, per_site: int, data_root: Path):
     return classes, folders
 
 
-def _simulate(run: RunConfig, work: Path) -> dict[str, Any]:
+def _simulate(run: RunConfig, work: Path, cpus_per_client: float = 1.0) -> dict[str, Any]:
     from consilia.simulations.flower_sim import run_flower_simulation
 
     run_dir = work / "runs" / "simulation"
     run_dir.mkdir(parents=True)
     start = time.perf_counter()
     run_flower_simulation(run, run_dir, work / "sim-sites", len(SITES),
-                          SimulationConfig(cpus_per_client=1, threads_per_client=1))
+                          SimulationConfig(cpus_per_client=cpus_per_client,
+                                           threads_per_client=1))
     return {"wall_s": time.perf_counter() - start, "round_s": per_round_seconds(run_dir)}
 
 
@@ -166,7 +167,7 @@ def _deploy(fed: LocalFederation, run_yaml: Path, folders: list[Path], name: str
         out = fed.fl_server(*args).stdout
         run_id = int(out.split()[1])
     start = time.perf_counter()
-    info = _wait_finished(fed, run_id)
+    info = _wait_finished(fed, run_id, run_dir)
     wall = time.perf_counter() - start
     for site in SITES:
         fed.kill_site(site, 15)
@@ -184,22 +185,24 @@ def _submit_app(fed: LocalFederation, app_dir: Path) -> int:
     return FlowerOperator(fed.state_dir / "flwr").start_run(app_dir)
 
 
-def _wait_finished(fed: LocalFederation, run_id: int, timeout_s: float = 3600) -> dict:
-    from consilia.server.operator import FlowerOperator
+def _wait_finished(fed: LocalFederation, run_id: int, run_dir: Path,
+                   timeout_s: float = 3600) -> dict:
+    """Follow the run as ``fl-server run`` does (its metrics file; the SuperLink every 10 s).
 
-    op = FlowerOperator(fed.state_dir / "flwr")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        info = op.run_info(run_id)
-        if str(info.get("status", "")).startswith("finished"):
-            return info
-        time.sleep(2.0)
-    raise TimeoutError(f"run {run_id} did not finish in {timeout_s:.0f}s")
+    Asking the SuperLink every 2 s would start a ``flwr`` CLI process each time, about half a
+    core on this machine, and slow the very sites being measured.
+    """
+    from consilia.server.operator import FlowerOperator
+    from consilia.server.run_launcher import follow_run
+
+    return follow_run(FlowerOperator(fed.state_dir / "flwr"), run_id, run_dir,
+                      total_rounds=0, emit=lambda _line: None, timeout_s=timeout_s)
 
 
 def run_benchmark(per_site: int, rounds: int, epochs: int, work: Path,
                   modes: list[str], model: str = "cnn",
-                  sqlite_state: bool = False) -> dict[str, Any]:
+                  sqlite_state: bool = False,
+                  sim_cpus_per_client: float = 1.0) -> dict[str, Any]:
     """Run the simulation and the deployment modes; return every measurement."""
     data_root = Path(os.environ.get("CONSILIA_DATA_ROOT") or repo_shared_data_dir())
     classes, folders = _prepare_sites(work, per_site, data_root)
@@ -210,6 +213,7 @@ def run_benchmark(per_site: int, rounds: int, epochs: int, work: Path,
         "per_site_images": per_site, "rounds": rounds, "local_epochs": epochs, "model": model,
         "model_bytes": _model_bytes(run), "cpu_count": os.cpu_count(), "modes": {},
         "superlink_state": "sqlite" if sqlite_state else "memory",
+        "sim_cpus_per_client": sim_cpus_per_client,
     }
     fed = LocalFederation(work / "federation", SITES, env={"OMP_NUM_THREADS": "1"})
     fed.generate_certs()
@@ -224,7 +228,7 @@ def run_benchmark(per_site: int, rounds: int, epochs: int, work: Path,
     finally:
         fed.stop()
     print("-- simulation (Ray)", flush=True)
-    results["modes"]["simulation (Ray)"] = _simulate(run, work)
+    results["modes"]["simulation (Ray)"] = _simulate(run, work, sim_cpus_per_client)
     print(json.dumps(results["modes"]["simulation (Ray)"]), flush=True)
     return results
 
@@ -235,7 +239,9 @@ def report(results: dict[str, Any]) -> str:
     lines = [f"{results['per_site_images']} images/site, 3 sites, {results['rounds']} rounds, "
              f"{results['local_epochs']} local epoch(s), {results['model']} 64 px; "
              f"{results['cpu_count']} CPU core(s), SuperLink state in "
-             f"{results.get('superlink_state', 'memory')}. Rounds 2..R (round 1 = start-up).",
+             f"{results.get('superlink_state', 'memory')}, simulation "
+             f"{results.get('sim_cpus_per_client', 1.0):g} CPU per client. "
+             "Rounds 2..R (round 1 = start-up).",
              "",
              f"{'mode':<46}{'s/round':>9}{'vs sim':>9}{'round 1 s':>11}"
              f"{'outside sites s':>17}"]
@@ -272,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sqlite-state", action="store_true",
                         help="fl-server start --sqlite-state (SuperLink state in SQLite instead "
                         "of memory)")
+    parser.add_argument("--sim-cpus-per-client", type=float, default=1.0,
+                        help="Ray CPUs per simulated client (1 = fl-sim's default: one client "
+                        "per core; 0.66 runs all three at once, like the deployment)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     args = parser.parse_args(argv)
@@ -283,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
         results = run_benchmark(args.per_site, args.rounds, args.epochs, work, modes,
-                                args.model, args.sqlite_state)
+                                args.model, args.sqlite_state, args.sim_cpus_per_client)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
