@@ -60,8 +60,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Answer the coordinator's classifier-calibration request with per-class feature sums.
 
-    The site's policy decides (``policy.feature_statistics``); a site training with local DP
-    declines, since these statistics are not covered by its DP guarantee.
+    The site's policy decides (``policy.feature_statistics``); a site training the run with
+    local DP sends them clipped and Gaussian-noised, accounted in its privacy ledger first.
     """
     instr, site, state = _prepare(msg, context)
     asked = str(msg.content[MessageKey.CONFIG.value].get(ConfigKey.QUERY.value, ""))
