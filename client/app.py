@@ -29,7 +29,7 @@ def _prepare(msg: Message, context: Context):
 
 
 def _reply(msg: Message, site_name: str, metrics: dict,
-           arrays: ArrayRecord | None = None) -> Message:
+           arrays: ArrayRecord | None = None, evaluation: dict | None = None) -> Message:
     content = RecordDict(
         {
             MessageKey.METRICS.value: MetricRecord(metrics),
@@ -38,15 +38,27 @@ def _reply(msg: Message, site_name: str, metrics: dict,
     )
     if arrays is not None:
         content[MessageKey.ARRAYS.value] = arrays
+    if evaluation is not None:
+        # a ConfigRecord: Flower's strategies aggregate the one MetricRecord of a train reply
+        # (the training metrics), weighted by training examples
+        content[MessageKey.EVALUATION.value] = ConfigRecord(evaluation)
     return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this site's data."""
+    """Train the received global model on this site's data.
+
+    When the coordinator asks (``strategy.site_evaluation: with-next-round``), first evaluate
+    the received model (the previous round's global model) on the site's validation split
+    and send that evaluation with the training reply.
+    """
     instr, site, state = _prepare(msg, context)
+    evaluation = None
+    if instr.evaluate_received and site.trainer.has_validation_data:
+        evaluation = site.trainer.evaluate(state, instr)
     new_state, metrics = site.trainer.fit(state, instr)
-    return _reply(msg, site.name, metrics, arrays=pack_state(new_state))
+    return _reply(msg, site.name, metrics, arrays=pack_state(new_state), evaluation=evaluation)
 
 
 @app.evaluate()

@@ -192,11 +192,16 @@ class SiteTrainer:
         inner = getattr(model, "_module", model)
         return clean_state_dict(inner.state_dict()), metrics
 
+    @property
+    def has_validation_data(self) -> bool:
+        """Whether the site holds a non-empty held-out split to evaluate on."""
+        return self.val_data is not None and len(self.val_data) > 0
+
     def evaluate(self, state: OrderedDict, instr: RoundInstruction) -> dict:
         """Evaluate the global ``state`` on the site's held-out split."""
-        data = self.val_data if self.val_data is not None and len(self.val_data) else None
-        if data is None:
+        if not self.has_validation_data:
             raise ValueError(f"site {self.name} has no held-out validation data")
+        data = self.val_data
         model = self._model(instr, state)
         res = evaluate_on(model, data, instr.train, instr.task)
         head = compute_metrics(res.y_true, res.y_prob, instr.task.class_names).headline()

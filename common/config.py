@@ -184,6 +184,14 @@ class StrategyConfig(StrictModel):
     proximal_mu: float = Field(0.01, ge=0)
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    site_evaluation: Literal["with-next-round", "separate"] = Field(
+        "with-next-round",
+        description="with-next-round: each site evaluates a round's global model on its "
+        "validation split when the model reaches it with the next round's training (one "
+        "message and one model download per site per round fewer; the final model gets its "
+        "own evaluate message); separate: an evaluate message after every round "
+        "(fraction_evaluate applies to it)",
+    )
     min_train_sites: int = Field(2, ge=1)
     min_evaluate_sites: int = Field(2, ge=0)
     min_available_sites: int = Field(2, ge=1)

@@ -30,6 +30,8 @@ class MessageKey(StrEnum):
     CONFIG = "config"
     METRICS = "metrics"
     SITE = "site"
+    #: ConfigRecord of a train reply: the site's evaluation of the model it received
+    EVALUATION = "received-model-evaluation"
 
 
 class ConfigKey(StrEnum):
@@ -46,6 +48,8 @@ class ConfigKey(StrEnum):
     QUERY = "consilia-query"
     CALIBRATION = "calibration"
     FEATURE_CLIP_NORM = "feature-clip-norm"
+    #: train messages: evaluate the received global model before training on it
+    EVALUATE_RECEIVED = "evaluate-received-model"
 
 
 class QueryName(StrEnum):

@@ -30,6 +30,7 @@ class RoundInstruction:
     dp: DPConfig
     proximal_mu: float = 0.0
     calibration: bool = False
+    evaluate_received: bool = False
 
     @classmethod
     def base_config(cls, run: RunConfig) -> ConfigRecord:
@@ -64,6 +65,7 @@ class RoundInstruction:
                 dp=DPConfig.model_validate_json(str(record[ConfigKey.DP_JSON.value])),
                 proximal_mu=float(record.get(ConfigKey.PROXIMAL_MU.value, 0.0)),  # type: ignore[arg-type]
                 calibration=bool(record.get(ConfigKey.CALIBRATION.value, False)),
+                evaluate_received=bool(record.get(ConfigKey.EVALUATE_RECEIVED.value, False)),
             )
         except KeyError as exc:
             raise ValueError(f"instruction from the coordinator lacks key {exc}") from None

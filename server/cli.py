@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from consilia.common.config import ConfigError
+from consilia.common.round_records import read_round_records
 from consilia.server.operator import Connection, FlowerOperator, OperatorError, write_connection
 from consilia.server.proxy import ProxyConfigError, operators_allow_file, render_proxy_config
 from consilia.server.run_launcher import (
@@ -241,10 +242,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _read_rounds(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics" / "rounds.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_round_records(run_dir)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

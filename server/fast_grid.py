@@ -60,6 +60,8 @@ class FastPollGrid:
     ) -> Iterable[Message]:
         """Push ``messages`` and return the replies that arrive within ``timeout`` seconds."""
         pending = set(self._grid.push_messages(messages))
+        if not pending:  # e.g. no evaluate messages this round
+            return []
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
         wait = self.first_poll_s

@@ -1,5 +1,8 @@
 """One human line per round (plus one per site failure), from a ``rounds.jsonl`` record.
 
+A late record (the sites' evaluation of a round's model, sent with the next round's
+training) gets a line of its own.
+
 Shared by the coordinator's recorder (the ServerApp's log) and ``fl-server run`` (which follows
 the run directory), so the operator sees the same lines in simulation and deployment.
 """
@@ -8,6 +11,8 @@ from __future__ import annotations
 
 import re
 from typing import Any
+
+from consilia.common.round_records import LATE_KEY, is_late_record
 
 __all__ = ["format_final", "format_round", "readable_reason"]
 
@@ -34,6 +39,11 @@ def format_round(
     """
     rnd = record.get("round", "?")
     sites = record.get("sites") or {}
+    if is_late_record(record):  # the sites evaluated this round's model with the next round
+        fed = record.get("federated_eval") or {}
+        return [f"[round {rnd}/{total_rounds}] site-val acc {_fmt(fed.get('accuracy'))} "
+                f"AUC {_fmt(fed.get('auc'))} ({len(sites)} site(s), evaluated with round "
+                f"{record[LATE_KEY]}'s training)"]
     parts = [f"[round {rnd}/{total_rounds}] "
              + ("initial model" if rnd == 0 else f"{len(sites)} site(s) answered")]
     train = record.get("train") or {}

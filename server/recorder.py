@@ -7,18 +7,19 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from consilia.client.trainer import ImageData, evaluate_on
 from consilia.common.config import RunConfig
 from consilia.common.constants import MessageKey
 from consilia.common.metrics import compute_metrics
 from consilia.common.plots import plot_confusion_matrix, plot_learning_curves
+from consilia.common.round_records import LATE_KEY, merge_round_records
 from consilia.common.serde import load_arrays_into_model, model_from_run_config, save_checkpoint
 from consilia.common.tracking import open_tracker
 from consilia.server.progress import format_round
@@ -129,6 +130,50 @@ class RunRecorder:
         """Store the strategy's aggregated metrics of ``phase`` ("train" or "federated_eval")."""
         if metrics is not None:
             self._pending[phase] = {k: _clean(float(v)) for k, v in metrics.items()}
+
+    def record_late_evaluation(
+        self,
+        model_round: int,
+        with_round: int,
+        replies: Iterable[Message],
+        aggregate: Callable[[list[RecordDict]], MetricRecord | None],
+    ) -> None:
+        """Record the sites' evaluation of round ``model_round``'s global model.
+
+        With ``site_evaluation: with-next-round`` the sites evaluate each global model when
+        it reaches them with the next round's (``with_round``) train message and send the
+        result with their training reply. This merges it into ``model_round``'s record and
+        appends a late record to ``rounds.jsonl`` (see :mod:`consilia.common.round_records`).
+        ``aggregate`` is the strategy's evaluation-metrics aggregation (weighted by each
+        site's number of validation images).
+        """
+        sites: dict[str, dict[str, Any]] = {}
+        contents: list[RecordDict] = []
+        for msg in replies:
+            if msg.has_error() or not msg.has_content():
+                continue
+            evaluation = msg.content.config_records.get(MessageKey.EVALUATION.value)
+            if evaluation is None:
+                continue
+            metrics = {k: float(v) for k, v in evaluation.items()
+                       if isinstance(v, int | float) and not isinstance(v, bool)}
+            sites[self.name_of(msg)] = {k: _clean(v) for k, v in metrics.items()}
+            contents.append(RecordDict({MessageKey.METRICS.value: MetricRecord(metrics)}))
+        if not contents:
+            return
+        late: dict[str, Any] = {"round": model_round, LATE_KEY: with_round, "sites": sites}
+        aggregated = aggregate(contents)
+        if aggregated is not None:
+            late["federated_eval"] = {k: _clean(float(v)) for k, v in aggregated.items()}
+        target = next((r for r in self.rounds if r.get("round") == model_round), None)
+        if target is not None:
+            self.rounds[self.rounds.index(target)] = merge_round_records([target, late])[0]
+        with self._jsonl.open("a") as fh:
+            fh.write(json.dumps(late) + "\n")
+        self._write_csv()
+        if self.tracker is not None:
+            self.tracker.log_round(model_round, flatten(late))
+        logger.info(self.progress_line(late))
 
     # -- server-side evaluation (also the per-round checkpoint hook) ------------------
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

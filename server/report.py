@@ -50,6 +50,7 @@ from consilia.common.evaluation import (
     to_matrix,
 )
 from consilia.common.explain import Explainer, overlay_image
+from consilia.common.round_records import read_round_records
 from consilia.common.serde import load_checkpoint
 
 __all__ = ["REPORT_SECTIONS", "build_report", "main"]
@@ -122,17 +123,9 @@ class RunDir:
         return self._cache[key]
 
     def rounds(self) -> list[dict[str, Any]]:
-        """Return the records of ``metrics/rounds.jsonl`` (malformed lines skipped)."""
+        """Return one record per round of ``metrics/rounds.jsonl`` (late evaluations merged)."""
         if "rounds" not in self._cache:
-            records = []
-            lines = self.file("metrics/rounds.jsonl").read_text(encoding="utf-8").splitlines()
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    log.warning("metrics/rounds.jsonl line %d is not JSON; skipped", number)
+            records = read_round_records(self.file("metrics/rounds.jsonl"))
             if not records:
                 raise Unavailable("metrics/rounds.jsonl is empty")
             self._cache["rounds"] = sorted(records, key=lambda r: r.get("round", 0))

@@ -1,14 +1,17 @@
 """Thin recording subclasses of Flower's strategies (no copy of ``Strategy.start``).
 
-They only observe replies (per-site metrics, refusals) and then defer to Flower's own
-aggregation. Central DP wraps them with Flower's server-side clipping wrapper.
+They observe replies (per-site metrics, refusals) and then defer to Flower's own
+aggregation; with ``site_evaluation: with-next-round`` they also let the sites evaluate each
+global model with the next round's training instead of in an evaluate message of its own.
+Central DP wraps them with Flower's server-side clipping wrapper.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -17,6 +20,7 @@ from flwr.serverapp.strategy import (
 )
 
 from consilia.common.config import DPConfig, StrategyConfig
+from consilia.common.constants import ConfigKey
 from consilia.server.central_dp import AccountedServerSideClipping
 from consilia.server.recorder import RunRecorder, site_name
 
@@ -24,15 +28,49 @@ __all__ = ["build_strategy"]
 
 
 class _RecordingMixin:
-    """Hand every reply to the recorder before Flower aggregates it."""
+    """Hand every reply to the recorder before Flower aggregates it.
+
+    With ``site_evaluation: with-next-round`` it also moves the sites' evaluation of each
+    global model into the next round's train messages: ``configure_train`` asks the sites
+    to evaluate the model they receive (rounds 2..R), ``aggregate_train`` hands those
+    evaluations to the recorder as the previous round's federated evaluation, and
+    ``configure_evaluate`` sends evaluate messages only after the last round.
+    """
 
     recorder: RunRecorder
+    site_evaluation: str = "separate"
+    total_rounds: int = 0
+
+    @property
+    def _evaluate_with_next_round(self) -> bool:
+        return (self.site_evaluation == "with-next-round"
+                and float(getattr(self, "fraction_evaluate", 1.0)) > 0.0)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self._evaluate_with_next_round and server_round > 1:
+            config = ConfigRecord({**config, ConfigKey.EVALUATE_RECEIVED.value: True})
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self._evaluate_with_next_round and server_round < self.total_rounds:
+            return []  # the sites evaluate this model with the next round's training
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         # a fixed order (by site) makes the float sums of aggregation reproducible
         replies = sorted(replies, key=site_name)
+        if self._evaluate_with_next_round and server_round > 1:
+            self.recorder.record_late_evaluation(
+                server_round - 1, server_round, replies,
+                lambda contents: self.evaluate_metrics_aggr_fn(  # type: ignore[attr-defined]
+                    contents, self.weighted_by_key),  # type: ignore[attr-defined]
+            )
         self.recorder.record_replies(server_round, replies, "train")
         answered = sum(1 for msg in replies if not msg.has_error())
         required = int(getattr(self, "min_train_nodes", 1))
@@ -50,6 +88,8 @@ class _RecordingMixin:
     ) -> MetricRecord | None:
         # a fixed order (by site) makes the float sums of aggregation reproducible
         replies = sorted(replies, key=site_name)
+        if not replies and self._evaluate_with_next_round and server_round < self.total_rounds:
+            return None  # nothing was sent: this round's model is evaluated with the next
         self.recorder.record_replies(server_round, replies, "evaluate")
         metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
         self.recorder.aggregated("federated_eval", metrics)
@@ -90,6 +130,8 @@ def build_strategy(cfg: StrategyConfig, dp: DPConfig, recorder: RunRecorder) -> 
     else:  # pragma: no cover - pydantic restricts the names
         raise ValueError(f"unknown strategy {cfg.name}")
     strategy.recorder = recorder  # type: ignore[attr-defined]
+    strategy.site_evaluation = cfg.site_evaluation  # type: ignore[attr-defined]
+    strategy.total_rounds = cfg.rounds  # type: ignore[attr-defined]
     if dp.enabled and dp.mode == "central":
         strategy = AccountedServerSideClipping(  # client-level DP, accounted per round
             strategy,

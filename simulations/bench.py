@@ -23,6 +23,7 @@ from pathlib import Path
 
 from consilia.common.config import load_experiment_config
 from consilia.common.logs import setup_logging
+from consilia.common.round_records import read_round_records
 from consilia.simulations.run import run_experiment
 
 __all__ = ["main", "tree_rss_mb"]
@@ -81,8 +82,7 @@ class PeakMemory:
 
 
 def _rounds(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics" / "rounds.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line]
+    return read_round_records(run_dir)
 
 
 def accuracy_benchmark(out: Path, rounds: int) -> dict:

@@ -30,8 +30,11 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import tomllib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,13 @@ import yaml
 
 from consilia.common.config import RunConfig, SimulationConfig
 from consilia.common.paths import repo_shared_data_dir
+from consilia.common.round_records import read_round_records
 from consilia.simulations.local_federation import LocalFederation, mednist_sites
+from consilia.simulations.proc_cpu import (
+    ProcessCpuSampler,
+    classify_deploy_process,
+    classify_simulation_process,
+)
 
 __all__ = ["main", "per_round_seconds", "report", "run_benchmark", "site_compute_seconds"]
 
@@ -62,8 +71,7 @@ DEFAULT_MODES = ["deploy: as shipped (adaptive site polling)", "deploy: fixed 1 
 
 def per_round_seconds(run_dir: Path) -> list[float]:
     """Seconds of each round 1..R from ``metrics/rounds.jsonl`` (differences of elapsed_s)."""
-    path = Path(run_dir) / "metrics" / "rounds.jsonl"
-    elapsed = [json.loads(x)["elapsed_s"] for x in path.read_text().splitlines() if x.strip()]
+    elapsed = [record["elapsed_s"] for record in read_round_records(Path(run_dir))]
     return [b - a for a, b in zip(elapsed[:-1], elapsed[1:], strict=True)]
 
 
@@ -135,10 +143,13 @@ def _simulate(run: RunConfig, work: Path, cpus_per_client: float = 1.0) -> dict[
     run_dir = work / "runs" / "simulation"
     run_dir.mkdir(parents=True)
     start = time.perf_counter()
-    run_flower_simulation(run, run_dir, work / "sim-sites", len(SITES),
-                          SimulationConfig(cpus_per_client=cpus_per_client,
-                                           threads_per_client=1))
-    return {"wall_s": time.perf_counter() - start, "round_s": per_round_seconds(run_dir)}
+    with _cpu_per_round(lambda: [os.getpid()], run_dir, run.strategy.rounds,
+                        classify_simulation_process) as cpu:
+        run_flower_simulation(run, run_dir, work / "sim-sites", len(SITES),
+                              SimulationConfig(cpus_per_client=cpus_per_client,
+                                               threads_per_client=1))
+    return {"wall_s": time.perf_counter() - start, "round_s": per_round_seconds(run_dir),
+            "cpu_s_per_round": cpu}
 
 
 def _deploy(fed: LocalFederation, run_yaml: Path, folders: list[Path], name: str,
@@ -167,7 +178,9 @@ def _deploy(fed: LocalFederation, run_yaml: Path, folders: list[Path], name: str
         out = fed.fl_server(*args).stdout
         run_id = int(out.split()[1])
     start = time.perf_counter()
-    info = _wait_finished(fed, run_id, run_dir)
+    # everything this process started: coordinator, sites and the follow loop's flwr CLI calls
+    with _cpu_per_round(lambda: [os.getpid()], run_dir, int(mode["rounds"])) as cpu:
+        info = _wait_finished(fed, run_id, run_dir)
     wall = time.perf_counter() - start
     for site in SITES:
         fed.kill_site(site, 15)
@@ -176,7 +189,45 @@ def _deploy(fed: LocalFederation, run_yaml: Path, folders: list[Path], name: str
         [fed.site_dir(site) / "state" / "logs" / "rounds.jsonl" for site in SITES], run_id)
     outside = [seconds - compute[i + 1] for i, seconds in enumerate(round_s) if i + 1 in compute]
     return {"wall_s": wall, "round_s": round_s, "outside_sites_s": outside,
-            "status": info["status"], "traffic": info.get("network-traffic", {})}
+            "status": info["status"], "traffic": info.get("network-traffic", {}),
+            "cpu_s_per_round": cpu}
+
+
+@contextmanager
+def _cpu_per_round(roots: Callable[[], list[int]], run_dir: Path, rounds: int,
+                   classify: Callable[[str], str] = classify_deploy_process,
+                   ) -> Iterator[dict[str, float]]:
+    """Yield a dict that, on exit, holds each role's CPU seconds per round over rounds 2..R.
+
+    A watcher reads ``metrics/rounds.jsonl`` every 0.25 s and snapshots the CPU totals when
+    the lines of round 1 and round R appear (start-up and the work after the last round are
+    left out, as in the per-round times).
+    """
+    sampler = ProcessCpuSampler(roots, classify).start()
+    marks: dict[int, dict[str, float]] = {}
+    done = threading.Event()
+    jsonl = run_dir / "metrics" / "rounds.jsonl"
+
+    def watch() -> None:
+        while not done.wait(0.25) and rounds not in marks:
+            seen = {json.loads(x).get("round") for x in
+                    (jsonl.read_text().split("\n")[:-1] if jsonl.is_file() else []) if x.strip()}
+            for rnd in (1, rounds):
+                if rnd in seen and rnd not in marks:
+                    marks[rnd] = sampler.totals()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    result: dict[str, float] = {}
+    try:
+        yield result
+    finally:
+        done.set()
+        watcher.join()
+        sampler.stop()
+        if rounds > 1 and 1 in marks and rounds in marks:
+            result.update({role: (seconds - marks[1].get(role, 0.0)) / (rounds - 1)
+                           for role, seconds in marks[rounds].items()})
 
 
 def _submit_app(fed: LocalFederation, app_dir: Path) -> int:
@@ -223,7 +274,8 @@ def run_benchmark(per_site: int, rounds: int, epochs: int, work: Path,
         for name in modes:
             print(f"-- {name}", flush=True)
             results["modes"][name] = _deploy(fed, run_yaml, folders, name,
-                                             {**MODES[name], "model": model})
+                                             {**MODES[name], "model": model,
+                                              "rounds": rounds})
             print(json.dumps(results["modes"][name]), flush=True)
     finally:
         fed.stop()
@@ -262,6 +314,12 @@ def report(results: dict[str, Any]) -> str:
         up = traffic.get("inbound-bytes", 0) / per
         lines.append(f"{name:<46} per site per round: received {down / 1e6:.3f} MB "
                      f"({down / model:.2f}x model), sent {up / 1e6:.3f} MB ({up / model:.2f}x)")
+    for name, res in results["modes"].items():
+        cpu = res.get("cpu_s_per_round")
+        if cpu:
+            shares = ", ".join(f"{role} {seconds:.2f}" for role, seconds in cpu.items()
+                               if seconds >= 0.005)
+            lines.append(f"{name:<46} CPU s per round (2..R): {shares}")
     return "\n".join(lines)
 
 

@@ -13,6 +13,9 @@ simulation too, because the wrapper travels to the Ray workers with the app.
   ``counts`` (C,), ``sums`` (C, D) and ``outer-sums`` (C, D, D) of the head's input features;
 - a ``MetricRecord`` ``"metrics"`` of scalar numbers (no lists);
 - a ``ConfigRecord`` ``"site"`` holding only ``{"name": <site name>}``;
+- in a training reply, optionally a ``ConfigRecord`` ``"received-model-evaluation"``: the
+  site's scalar validation scores of the model it received (``site_evaluation:
+  with-next-round``);
 - nothing else: no other record, so no image, label or per-example array can leave the site.
 """
 
@@ -28,11 +31,15 @@ from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from consilia.common.constants import MessageKey
+from consilia.common.constants import MessageKey, MetricKey
 
 __all__ = ["audit_reply", "load_recorded_replies", "recording_client_app"]
 
 _FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
+#: What a site's evaluation of a model may hold (``SiteTrainer.evaluate``).
+EVALUATION_KEYS = {MetricKey.EVAL_LOSS.value, MetricKey.ACCURACY.value,
+                   MetricKey.BALANCED_ACCURACY.value, MetricKey.AUC.value, MetricKey.F1.value,
+                   MetricKey.NUM_EXAMPLES.value}
 
 
 def recording_client_app(base: ClientApp, out_dir: Path) -> ClientApp:
@@ -93,6 +100,8 @@ def audit_reply(
     allowed = {MessageKey.METRICS.value, MessageKey.SITE.value}
     if message_type in ("train", "query"):
         allowed.add(MessageKey.ARRAYS.value)
+    if message_type == "train":
+        allowed.add(MessageKey.EVALUATION.value)
     extra = set(content.keys()) - allowed
     if extra:
         problems.append(f"unexpected record(s) {sorted(extra)}")
@@ -122,12 +131,28 @@ def audit_reply(
             if not isinstance(value, int | float) or isinstance(value, bool):
                 problems.append(f"metric '{key}' is {type(value).__name__}, not a scalar")
     for name, record in content.config_records.items():
+        if name == MessageKey.EVALUATION.value and message_type == "train":
+            problems.extend(_audit_evaluation(record))
+            continue
         if name != MessageKey.SITE.value:
             problems.append(f"config record '{name}' is not '{MessageKey.SITE.value}'")
             continue
         if set(record.keys()) != {"name"} or not isinstance(record.get("name"), str):
             problems.append(f"site record holds {json.dumps(sorted(record.keys()))}, "
                             "expected only the site name")
+    return problems
+
+
+def _audit_evaluation(record: Mapping) -> list[str]:
+    """Check a train reply's evaluation of the received model holds only scalar scores."""
+    problems = []
+    extra = set(record.keys()) - EVALUATION_KEYS
+    if extra:
+        problems.append(f"evaluation record holds {sorted(extra)}, expected only "
+                        f"{sorted(EVALUATION_KEYS)}")
+    for key, value in record.items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            problems.append(f"evaluation '{key}' is {type(value).__name__}, not a scalar")
     return problems
 
 

@@ -44,6 +44,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from consilia.client.trainer import ImageData, build_task_model, evaluate_on, train_model
 from consilia.common.config import RunConfig
+from consilia.common.round_records import read_round_records
 from consilia.common.serde import load_checkpoint
 
 __all__ = [
@@ -210,11 +211,8 @@ def _probs(model, data: ImageData, run: RunConfig) -> np.ndarray:
 
 
 def _spent_epsilon(run_dir: Path) -> float | None:
-    path = run_dir / "metrics" / "rounds.jsonl"
-    if not path.is_file():
-        return None
-    eps = [v.get("epsilon") for line in path.read_text().splitlines() if line
-           for v in (json.loads(line).get("sites") or {}).values() if isinstance(v, dict)]
+    eps = [v.get("epsilon") for record in read_round_records(run_dir)
+           for v in (record.get("sites") or {}).values() if isinstance(v, dict)]
     eps = [e for e in eps if e is not None]
     return max(eps) if eps else None
 

@@ -40,6 +40,8 @@ from unittest import mock
 
 import torch
 
+from consilia.common.round_records import read_round_records
+
 __all__ = [
     "DATASETS", "EPSILONS", "main", "measure_default_overhead", "measure_step_cost",
     "null_auc_sd", "run_central",
@@ -108,8 +110,7 @@ def run_utility(
                                    run_inprocess_simulation):
                 result = run_module.run_experiment(cfg, run_dir)
             seconds = time.perf_counter() - start
-            rounds = [json.loads(line) for line in
-                      (run_dir / "metrics" / "rounds.jsonl").read_text().splitlines() if line]
+            rounds = read_round_records(run_dir)
             spent = [v.get("epsilon") for r in rounds for v in (r.get("sites") or {}).values()
                      if isinstance(v, dict) and v.get("epsilon") is not None]
             fed = result.final["federated"]
@@ -152,8 +153,7 @@ def run_central(out: Path, datasets: Sequence[str], noise: float, clip: float,
         start = time.perf_counter()
         with mock.patch.object(run_module, "run_flower_simulation", run_inprocess_simulation):
             result = run_module.run_experiment(cfg, run_dir)
-        rounds = [json.loads(line) for line in
-                  (run_dir / "metrics" / "rounds.jsonl").read_text().splitlines() if line]
+        rounds = read_round_records(run_dir)
         last = next((r["central_dp"] for r in reversed(rounds) if "central_dp" in r), {})
         fed = result.final["federated"]
         rows.append({"dataset": dataset, "noise_multiplier": noise, "clipping_norm": clip,
@@ -169,11 +169,8 @@ def run_central(out: Path, datasets: Sequence[str], noise: float, clip: float,
 
 def site_train_seconds(run_dir: Path) -> float | None:
     """Median local-training time of one site in one round (``train-seconds``) of a run."""
-    path = Path(run_dir) / "metrics" / "rounds.jsonl"
-    if not path.is_file():
-        return None
-    values = [v["train-seconds"] for line in path.read_text().splitlines() if line
-              for v in (json.loads(line).get("sites") or {}).values()
+    values = [v["train-seconds"] for record in read_round_records(Path(run_dir))
+              for v in (record.get("sites") or {}).values()
               if isinstance(v, dict) and v.get("train-seconds") is not None]
     return statistics.median(values) if values else None
 

@@ -24,6 +24,7 @@ from consilia.common.datasets import DatasetBundle, load_dataset
 from consilia.common.engine import seed_everything
 from consilia.common.environment import library_versions
 from consilia.common.plots import plot_learning_curves
+from consilia.common.round_records import read_round_records
 from consilia.simulations.baselines import run_centralized, run_local_only
 from consilia.simulations.cross_site import cross_site_validation
 from consilia.simulations.flower_sim import run_flower_simulation
@@ -208,8 +209,7 @@ def run_experiment(
     final["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
 
-    rounds = [json.loads(line) for line in
-              (run_dir / "metrics" / "rounds.jsonl").read_text().splitlines() if line]
+    rounds = read_round_records(run_dir)
     refs = {}
     if "centralized" in final:
         refs["centralized"] = final["centralized"]["accuracy"]

@@ -47,6 +47,7 @@ from consilia.common.config import (
     apply_overrides,
     parse_model,
 )
+from consilia.common.round_records import read_round_records
 
 __all__ = [
     "ALIASES",
@@ -250,11 +251,10 @@ def federated_objective(run_dir: Path) -> float:
         holds one class only, or the round was incomplete).
 
     """
-    path = Path(run_dir) / "metrics" / "rounds.jsonl"
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
+    records = read_round_records(Path(run_dir))
+    if not records:
         return math.nan
-    last = json.loads(lines[-1])
+    last = records[-1]
     value = (last.get("federated_eval") or {}).get("auc")
     return float(value) if isinstance(value, int | float) else math.nan
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flwr.app import Message
 
+from consilia.common.round_records import read_round_records
 from consilia.simulations.inprocess import run_inprocess_simulation
 
 
@@ -33,8 +33,7 @@ def run_inprocess_experiment(cfg: Any, out: Path, **grid_options: Any):
         result = run_module.run_experiment(cfg, out)
     finally:
         mp.undo()
-    lines = (result.run_dir / "metrics" / "rounds.jsonl").read_text().splitlines()
-    return result, replies, [json.loads(line) for line in lines if line]
+    return result, replies, read_round_records(result.run_dir)
 
 
 def model_shapes(cfg: Any, run_dir: Path) -> dict[str, tuple[int, ...]]:

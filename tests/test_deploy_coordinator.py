@@ -488,6 +488,9 @@ class _Recorder:
     def aggregated(self, phase, metrics):
         self.calls.append(("aggregated", phase))
 
+    def record_late_evaluation(self, model_round, with_round, replies, aggregate):
+        self.calls.append(("late", model_round, with_round))
+
 
 def test_round_with_fewer_than_min_sites_keeps_the_global_model():
     from consilia.common.config import DPConfig, StrategyConfig
@@ -500,6 +503,7 @@ def test_round_with_fewer_than_min_sites_keeps_the_global_model():
     assert strategy.aggregate_train(4, replies) == (None, None)
     assert ("incomplete", 4, "train", 1, 2) in recorder.calls
     assert ("replies", 4, "train", 3) in recorder.calls
+    assert ("late", 3, 4) in recorder.calls  # round 3's model, evaluated with round 4
 
 
 def test_fast_poll_grid_returns_replies_without_flowers_3s_steps():

@@ -13,6 +13,7 @@ from fake_run import make_run_dir, synthetic_images
 
 from consilia.common.config import ConfigError, PartitionConfig, load_experiment_config
 from consilia.common.datasets import ImageSplit
+from consilia.common.round_records import read_round_records
 from consilia.simulations.cli import _overrides, build_parser
 from consilia.simulations.cli import main as fl_sim
 from consilia.simulations.holdout import HOLDOUT_DIR, external_validation, split_holdout
@@ -96,8 +97,7 @@ def loso_run(tmp_path_factory) -> Path:
 
 
 def _rounds(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in
-            (run_dir / "metrics" / "rounds.jsonl").read_text().splitlines() if line]
+    return read_round_records(run_dir)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from inprocess_testkit import model_shapes, run_inprocess_experiment
 
 from consilia.client.ledger import PrivacyLedger
 from consilia.client.sim_privacy import sim_ledger_path
+from consilia.common.constants import MessageKey
 from consilia.simulations.message_audit import audit_reply
 
 
@@ -36,7 +37,14 @@ def test_local_dp_federation_in_process_reports_epsilon_and_sends_only_weights(
         assert len(deltas) == 1 and 0 < deltas.pop() <= 1e-5  # min(1e-5, 1/(10 n))
 
     shapes = model_shapes(cfg, result.run_dir)
-    assert len(replies) == 3 * 2 * 2  # rounds x sites x (train + evaluate)
-    for reply in replies:
-        kind = reply.metadata.message_type.split(".")[0]
+    # site_evaluation: with-next-round: rounds x sites train replies, evaluate only at the end
+    kinds = [reply.metadata.message_type.split(".")[0] for reply in replies]
+    assert kinds.count("train") == 3 * 2 and kinds.count("evaluate") == 2
+    for reply, kind in zip(replies, kinds, strict=True):
         assert audit_reply(reply, shapes, kind) == []
+    carried = [reply for reply, kind in zip(replies, kinds, strict=True) if kind == "train"
+               and MessageKey.EVALUATION.value in reply.content.config_records]
+    assert len(carried) == 2 * 2  # rounds 2 and 3 carry the evaluation of rounds 1 and 2
+    for record in rounds[1:]:  # every round's global model was evaluated by both sites
+        assert 0.0 <= record["federated_eval"]["accuracy"] <= 1.0
+        assert all("accuracy" in record["sites"][site] for site in ("site-00", "site-01"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,9 @@ from consilia.client.sim_privacy import (
     simulated_privacy_factory,
 )
 from consilia.common.config import DPConfig, ModelConfig, TaskSpec, TrainConfig
+from consilia.common.constants import MessageKey
 from consilia.common.instructions import RoundInstruction
+from consilia.common.round_records import read_round_records
 from consilia.simulations.message_audit import (
     audit_reply,
     load_recorded_replies,
@@ -166,8 +167,7 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory, mednist_dir: Path) -> dict:
         result = run_experiment(cfg, run_dir)
     finally:
         mp.undo()
-    rounds = [json.loads(line) for line in
-              (run_dir / "metrics" / "rounds.jsonl").read_text().splitlines() if line]
+    rounds = read_round_records(run_dir)
     return {"result": result, "rounds": rounds, "run_dir": run_dir, "messages": messages,
             "cfg": cfg, "spent_before": spent_before}
 
@@ -226,7 +226,12 @@ def test_every_message_a_site_sends_holds_only_weights_and_scalar_metrics(dp_run
     replies = load_recorded_replies(dp_run["messages"])
     kinds = [kind for kind, _ in replies]
     assert kinds.count("train") == 4  # 2 rounds x 2 sites (site-02 refused: an error reply)
-    assert kinds.count("evaluate") == 6  # 2 rounds x 3 sites
+    # site_evaluation: with-next-round: round 1's model is scored with round 2's training,
+    # the final model in evaluate messages (all 3 sites, site-02 too)
+    assert kinds.count("evaluate") == 3
+    carried = [reply for kind, reply in replies
+               if kind == "train" and MessageKey.EVALUATION.value in reply.content]
+    assert len(carried) == 2  # round 2's two training replies
     names = set()
     for kind, reply in replies:
         assert audit_reply(reply, shapes, kind) == [], kind

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from consilia.common.config import load_experiment_config
+from consilia.common.round_records import read_round_records
 from consilia.common.serde import load_checkpoint
 from consilia.simulations.cli import main as fl_sim
 from consilia.simulations.run import run_experiment
 
 
 def _rounds(run_dir):
-    lines = (run_dir / "metrics" / "rounds.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line]
+    return read_round_records(run_dir)
 
 
 @pytest.mark.slow
