@@ -60,24 +60,26 @@ class TaskOutcome:
     app: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
+    #: a train task's scores of the model it received (``site_evaluation: with-next-round``)
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Return one JSON line for ``rounds.jsonl``."""
-        return json.dumps(
-            {
-                "time": datetime.now(UTC).isoformat(timespec="seconds"),
-                "run_id": str(self.run_id),
-                "round": self.server_round,
-                "type": self.message_type,
-                "status": self.status,
-                "seconds": round(self.seconds, 3),
-                "reason": self.reason,
-                "app": self.app,
-                "metrics": self.metrics,
-                "timing": self.timing,
-            },
-            ensure_ascii=False,
-        )
+        record = {
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "run_id": str(self.run_id),
+            "round": self.server_round,
+            "type": self.message_type,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "reason": self.reason,
+            "app": self.app,
+            "metrics": self.metrics,
+            "timing": self.timing,
+        }
+        if self.evaluation:
+            record["evaluation"] = self.evaluation
+        return json.dumps(record, ensure_ascii=False)
 
 
 def setup_site_logging(config: SiteConfig, verbose: bool = False) -> None:
@@ -292,6 +294,7 @@ class SiteWorker:
                     reply = self.load_app()(message=message, context=context)
                     sub_status, details, outcome.status = SubStatus.COMPLETED, "", "ok"
                     outcome.metrics = _metrics_of(reply)
+                    outcome.evaluation = _metrics_of(reply, MessageKey.EVALUATION.value)
                 except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
                     refused = _is_refusal(exc)
                     reason = _refusal_text(name, exc) if refused else _failure_text(name, exc)
@@ -343,6 +346,10 @@ class SiteWorker:
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in outcome.metrics.items()
             )
+            if outcome.evaluation:
+                shown += "; received model: " + ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in outcome.evaluation.items())
             log.info("took part in %s (%.1f s): %s", where, outcome.seconds, shown)
         elif outcome.status == "refused":
             log.warning("refused %s: %s", where, outcome.reason)
@@ -452,9 +459,10 @@ def _round_of(message: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _metrics_of(reply: Any) -> dict[str, Any]:
+def _metrics_of(reply: Any, key: str = MessageKey.METRICS.value) -> dict[str, Any]:
+    """Return the scalar entries of the reply's record ``key`` (empty when it has none)."""
     try:
-        record = reply.content[MessageKey.METRICS.value]
+        record = reply.content[key]
     except (KeyError, AttributeError, ValueError):
         return {}
     return {k: v for k, v in record.items() if isinstance(v, int | float)}

@@ -186,11 +186,12 @@ class StrategyConfig(StrictModel):
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     site_evaluation: Literal["with-next-round", "separate"] = Field(
         "with-next-round",
-        description="with-next-round: each site evaluates a round's global model on its "
-        "validation split when the model reaches it with the next round's training (one "
-        "message and one model download per site per round fewer; the final model gets its "
-        "own evaluate message); separate: an evaluate message after every round "
-        "(fraction_evaluate applies to it)",
+        description="with-next-round: the sites that train round r+1 first score round r's "
+        "global model (the one they receive) on their validation split and send the scores "
+        "with their training reply (one message and one model download per site per round "
+        "fewer); the final model gets evaluate messages of its own. separate: evaluate "
+        "messages after every round. fraction_evaluate applies to evaluate messages; 0 turns "
+        "site evaluation off",
     )
     min_train_sites: int = Field(2, ge=1)
     min_evaluate_sites: int = Field(2, ge=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ from consilia.common.config import (
 from consilia.common.constants import RunConfigKey
 from consilia.common.environment import library_versions
 from consilia.common.flower_app import write_flower_app
+from consilia.common.round_records import is_late_record
 from consilia.server.operator import FlowerOperator
 from consilia.server.progress import format_final, format_round, readable_reason
 
@@ -184,8 +186,15 @@ def follow_run(
     status_every_s: float = 10.0,
     timeout_s: float | None = None,
     site_names: dict[str, str] | None = None,
+    max_quiet_s: float = 60.0,
 ) -> dict[str, Any]:
     """Print each round as it lands in ``run_dir/metrics/rounds.jsonl`` until the run ends.
+
+    The SuperLink is asked for the run's status (a ``flwr`` CLI process, about a CPU-second)
+    at the start, then only when no round has landed for a while: ``status_every_s``, or
+    1.5 times the typical round so far when rounds are longer (at most ``max_quiet_s``), so
+    a run that stopped is noticed within about a round; every 2 s once the ServerApp wrote
+    its final metrics.
 
     Returns
     -------
@@ -204,6 +213,7 @@ def follow_run(
     seen = 0
     start = time.monotonic()
     last_status = last_progress = start
+    landed: list[float] = []  # when each round's line appeared
     info: dict[str, Any] = {}
 
     def drain() -> None:
@@ -213,11 +223,19 @@ def follow_run(
         lines = jsonl.read_text().split("\n")[:-1]  # only complete lines
         for line in lines[seen:]:
             if line.strip():
-                for text in format_round(json.loads(line), total_rounds, site_names):
+                record = json.loads(line)
+                for text in format_round(record, total_rounds, site_names):
                     emit(text)
+                if not is_late_record(record):
+                    landed.append(time.monotonic())
         if len(lines) > seen:
             last_progress = time.monotonic()
         seen = max(seen, len(lines))
+
+    def quiet_limit() -> float:
+        gaps = [b - a for a, b in zip(landed[:-1], landed[1:], strict=True)]
+        typical = statistics.median(gaps) if gaps else 0.0
+        return max(status_every_s, min(max_quiet_s, 1.5 * typical))
 
     while True:
         drain()
@@ -225,9 +243,8 @@ def follow_run(
         if done_marker.exists():
             due = now - last_status >= min(status_every_s, 2.0)
         else:
-            # Each status query is a `flwr` CLI process (about a CPU-second); while rounds keep
-            # landing the run is evidently alive, so ask only after a quiet status interval.
-            due = now - max(last_status, last_progress) >= status_every_s
+            # while rounds keep landing the run is evidently alive
+            due = now - max(last_status, last_progress) >= quiet_limit()
         if not info or due:
             info = operator.run_info(run_id)
             last_status = now

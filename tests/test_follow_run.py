@@ -79,3 +79,26 @@ def test_timeout_is_raised_for_a_run_that_never_ends(tmp_path: Path):
     with pytest.raises(RunTimeoutError, match="run 3 still running"):
         follow_run(operator, 3, tmp_path, total_rounds=1, emit=lambda _l: None, poll_s=0.02,
                    status_every_s=0.1, timeout_s=0.3)
+
+
+def test_long_rounds_stretch_the_quiet_interval_but_a_stopped_run_is_still_noticed(tmp_path):
+    finished = threading.Event()
+    operator = FakeOperator(finished, tmp_path / "federated_metrics.json")
+
+    def federation() -> None:
+        for rnd in range(6):  # a round every 0.4 s: longer than status_every_s (0.15 s)
+            _append_round(tmp_path, rnd)
+            time.sleep(0.4)
+        finished.set()  # the run stops (say the ServerApp died): no final metrics file
+
+    worker = threading.Thread(target=federation)
+    worker.start()
+    begun = time.monotonic()
+    info = follow_run(operator, 2, tmp_path, total_rounds=5, emit=lambda _l: None, poll_s=0.02,
+                      status_every_s=0.15, timeout_s=30, max_quiet_s=5.0)
+    worker.join()
+    assert info["status"] == "finished:completed"
+    # with 0.15 s between queries there would be ~16; once two rounds have landed the quiet
+    # interval is 1.5 x 0.4 s, so only the first gap and the final quiet spell are queried
+    assert len(operator.queries) <= 6, len(operator.queries)
+    assert time.monotonic() - begun < 2.4 + 1.5  # noticed within about a round of stopping

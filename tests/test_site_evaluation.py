@@ -175,3 +175,16 @@ def test_message_audit_allows_only_scalar_scores_in_the_evaluation_record():
         dst_node_id=1, message_type="evaluate")
     assert any("received-model-evaluation" in p for p in audit_reply(evaluate, shapes,
                                                                        "evaluate"))
+
+
+def test_site_log_line_keeps_the_received_models_scores_apart_from_training():
+    from consilia.client.site_worker import TaskOutcome, _metrics_of
+
+    reply = _train_reply(1, "a", {"accuracy": 0.75, "num-examples": 8}).message
+    outcome = TaskOutcome(7, "2", "train", "ok", 1.5, metrics=_metrics_of(reply),
+                          evaluation=_metrics_of(reply, MessageKey.EVALUATION.value))
+    line = json.loads(outcome.to_json())
+    assert line["metrics"] == {"train-loss": 0.5, "num-examples": 100}
+    assert line["evaluation"] == {"accuracy": 0.75, "num-examples": 8}
+    plain = json.loads(TaskOutcome(7, "1", "train", "ok", 1.0).to_json())
+    assert "evaluation" not in plain
