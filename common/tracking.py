@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from consilia.common.round_records import LATE_KEY
+
 __all__ = [
     "TRACKERS",
     "MLflowTracker",
@@ -56,8 +58,12 @@ class Tracker(Protocol):
         """Flush and release the backend."""
 
 
+#: Keys of a round record that are bookkeeping, not metrics.
+_NOT_SCALARS = frozenset({"round", LATE_KEY})
+
+
 def scalars(values: Mapping[str, Any]) -> dict[str, float]:
-    """Keep the finite numeric entries of a flat record (``round``/``elapsed_s`` excluded).
+    """Keep the finite numeric entries of a flat record (bookkeeping keys excluded).
 
     Parameters
     ----------
@@ -73,7 +79,7 @@ def scalars(values: Mapping[str, Any]) -> dict[str, float]:
     """
     out: dict[str, float] = {}
     for key, value in values.items():
-        if key == "round" or isinstance(value, bool) or not isinstance(value, int | float):
+        if key in _NOT_SCALARS or isinstance(value, bool) or not isinstance(value, int | float):
             continue
         if math.isfinite(float(value)):
             out[key] = float(value)

@@ -168,12 +168,7 @@ class RunRecorder:
         target = next((r for r in self.rounds if r.get("round") == model_round), None)
         if target is not None:
             self.rounds[self.rounds.index(target)] = merge_round_records([target, late])[0]
-        with self._jsonl.open("a") as fh:
-            fh.write(json.dumps(late) + "\n")
-        self._write_csv()
-        if self.tracker is not None:
-            self.tracker.log_round(model_round, flatten(late))
-        logger.info(self.progress_line(late))
+        self._publish(late)
 
     # -- server-side evaluation (also the per-round checkpoint hook) ------------------
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -195,13 +190,17 @@ class RunRecorder:
             save_checkpoint(self.run_dir / "checkpoints" / f"round-{server_round:03d}.pt",
                             self.model, self.run, server_round)
         self.rounds.append(record)
+        self._publish(record)
+        return result
+
+    def _publish(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to rounds.jsonl, rewrite rounds.csv, track it and log its line."""
         with self._jsonl.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         self._write_csv()
         if self.tracker is not None:
-            self.tracker.log_round(server_round, flatten(record))
+            self.tracker.log_round(int(record["round"]), flatten(record))
         logger.info(self.progress_line(record))
-        return result
 
     def progress_line(self, record: dict[str, Any]) -> str:
         """Human lines for one round: round, loss, AUC, accuracy, epsilon, elapsed, failures."""

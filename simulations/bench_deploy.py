@@ -15,8 +15,10 @@ compares the time per round (rounds 2..R; round 1 holds start-up). Deployment mo
 
 It also reports, per deployed round, the time spent outside the sites' ClientApps (round time
 minus the slowest site's app time, from the sites' round logs: transfers, polling and the
-coordinator's own work) and the bytes each site sent and received per round (the SuperLink's
-traffic counters) against the model's size. Usage::
+coordinator's own work), the bytes each site sent and received per round (the SuperLink's
+traffic counters) against the model's size, and the CPU-seconds per round each kind of process
+used (SuperLink, SuperNodes, ServerApp, ClientApps; Ray's services and workers in the
+simulation; :mod:`consilia.simulations.proc_cpu`). Usage::
 
     python -m consilia.simulations.bench_deploy [--per-site 400] [--rounds 4] [--out b.json]
 """

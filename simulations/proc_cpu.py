@@ -134,11 +134,15 @@ class ProcessCpuSampler:
     def _sample_locked(self) -> None:
         baseline = not self._sampled
         for pid, ticks in self._descendants().items():
-            if pid not in self._role:
-                self._cmdline[pid] = _read_cmdline(pid)
-                self._role[pid] = self._classify(self._cmdline[pid])
+            if pid not in self._first:
                 # a process first seen after the baseline started after it: count it all
                 self._first[pid] = ticks if baseline else 0.0
+            # classified again each time: a process may rename itself after it starts (Ray
+            # workers become ``ray::...``; a fork runs the parent's command line first)
+            cmdline = _read_cmdline(pid)
+            if cmdline or pid not in self._cmdline:
+                self._cmdline[pid] = cmdline
+                self._role[pid] = self._classify(cmdline)
             self._last[pid] = ticks
         self._sampled = True
 

@@ -32,12 +32,16 @@ def test_report_shows_overhead_against_the_simulation_and_bytes_per_round() -> N
         "modes": {
             "deploy: as shipped": {"round_s": [9.0, 5.5, 5.5], "outside_sites_s": [3, 0.4, 0.6],
                                    "traffic": {"outbound-bytes": 18_000_000,
-                                               "inbound-bytes": 9_000_000}},
-            "simulation (Ray)": {"round_s": [9.0, 5.0, 5.0]},
+                                               "inbound-bytes": 9_000_000},
+                                   "cpu_s_per_round": {"SuperLink": 0.456, "other": 0.001}},
+            "simulation (Ray)": {"round_s": [9.0, 5.0, 5.0],
+                                 "cpu_s_per_round": {"Ray services": 0.08}},
         },
     }
     text = report(results)
     shipped = next(line for line in text.splitlines() if line.startswith("deploy: as shipped")
-                   and "s/round" not in line and "received" not in line)
+                   and "s/round" not in line and "received" not in line and "CPU" not in line)
     assert "5.50" in shipped and "+10.0%" in shipped and shipped.rstrip().endswith("0.50")
     assert "received 2.000 MB (2.00x model), sent 1.000 MB (1.00x)" in text
+    assert "CPU s per round (2..R): SuperLink 0.46" in text and "other" not in text
+    assert "CPU s per round (2..R): Ray services 0.08" in text
