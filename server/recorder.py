@@ -165,9 +165,9 @@ class RunRecorder:
         aggregated = aggregate(contents)
         if aggregated is not None:
             late["federated_eval"] = {k: _clean(float(v)) for k, v in aggregated.items()}
-        target = next((r for r in self.rounds if r.get("round") == model_round), None)
-        if target is not None:
-            self.rounds[self.rounds.index(target)] = merge_round_records([target, late])[0]
+        for i, record in enumerate(self.rounds):
+            if record.get("round") == model_round:
+                self.rounds[i] = merge_round_records([record, late])[0]
         self._publish(late)
 
     # -- server-side evaluation (also the per-round checkpoint hook) ------------------

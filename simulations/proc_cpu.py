@@ -149,11 +149,9 @@ class ProcessCpuSampler:
     def totals(self) -> dict[str, float]:
         """Take a sample now; return CPU seconds used per role since the baseline."""
         self.sample()
-        per_tick = 1.0 / _ticks_per_second()
         used: dict[str, float] = {}
-        for pid, last in self._last.items():
-            role = self._role[pid]
-            used[role] = used.get(role, 0.0) + (last - self._first[pid]) * per_tick
+        for role, _cmdline, seconds in self.by_process():
+            used[role] = used.get(role, 0.0) + seconds
         return dict(sorted(used.items()))
 
     def by_process(self) -> list[tuple[str, str, float]]:
