@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python -m consilia.simulations.bench
+	$(BIN)/python -m benchmarks.simulation
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

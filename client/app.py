@@ -9,8 +9,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from consilia.client.site_config import SitePolicyViolation
-from consilia.client.site_runtime import resolve_site
+from consilia.client.site.config import SitePolicyViolation
+from consilia.client.site.locator import resolve_site
 from consilia.common.constants import ConfigKey, MessageKey, MetricKey, QueryName
 from consilia.common.instructions import RoundInstruction
 from consilia.common.serde import pack_state, unpack_state
@@ -106,7 +106,7 @@ def _noised_feature_stats(msg: Message, site, state, instr: RoundInstruction, pr
             "the run trains with local DP, so this site sends only clipped, noised feature "
             "statistics, and the coordinator sent no feature clip norm "
             "(strategy.calibration.feature_clip_norm, or a coordinator test set)")
-    from consilia.client.privacy import PrivacyBudgetExceeded, PrivacyConfigError
+    from consilia.client.privacy.controller import PrivacyBudgetExceeded, PrivacyConfigError
 
     try:
         stats, epsilon, sigma = site.trainer.private_feature_stats(state, instr, privacy,

@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from consilia.client.site_config import SiteConfig, load_site_config
+from consilia.client.site.config import SiteConfig, load_site_config
 from consilia.common.config import ConfigError
 
 __all__ = ["build_parser", "main", "privacy_text"]
@@ -53,11 +53,11 @@ def privacy_text(config: SiteConfig) -> str:
 
     Raises
     ------
-    consilia.client.ledger.LedgerCorruptError
+    consilia.client.privacy.ledger.LedgerCorruptError
         If the ledger file exists but cannot be trusted.
 
     """
-    from consilia.client.ledger import PrivacyLedger
+    from consilia.client.privacy.ledger import PrivacyLedger
 
     dp = config.policy.dp
     if dp.required:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``fl-client``; return the process exit code."""
     args = build_parser().parse_args(argv)
     if args.check:
-        from consilia.client.site_check import run_site_check
+        from consilia.client.site.check import run_site_check
 
         report = run_site_check(args.site, decode=args.decode)
         print(report.to_text())
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     if args.privacy:
-        from consilia.client.ledger import LedgerCorruptError, PrivacyLedger
+        from consilia.client.privacy.ledger import LedgerCorruptError, PrivacyLedger
 
         try:
             if args.json:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             print(exc, file=sys.stderr)
             return 1
         return 0
-    from consilia.client.supervisor import SiteSupervisor
+    from consilia.client.site.supervisor import SiteSupervisor
 
     _setup_console_logging(config, args.verbose)
     supervisor = SiteSupervisor(config, args.site, verbose=args.verbose)

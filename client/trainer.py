@@ -14,16 +14,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from consilia.common.calibration import FeatureStats, collect_feature_stats
+from consilia.common.ccvr import FeatureStats, collect_feature_stats
 from consilia.common.config import TaskSpec, TrainConfig
-from consilia.common.engine import evaluate_model, seed_everything, snapshot_params, train_epochs
+from consilia.common.training.engine import evaluate_model, seed_everything, snapshot_params, train_epochs
 from consilia.common.instructions import RoundInstruction
-from consilia.common.losses import build_loss
-from consilia.common.metrics import compute_metrics
+from consilia.common.training.losses import build_loss
+from consilia.common.evaluation.metrics import compute_metrics
 from consilia.common.models import build_model
-from consilia.common.optim import build_optimizer
+from consilia.common.training.optimizers import build_optimizer
 from consilia.common.serde import clean_state_dict
-from consilia.common.transforms import (
+from consilia.common.data.transforms import (
     ImageArrayDataset,
     build_eval_transform,
     build_train_transform,
@@ -79,7 +79,7 @@ def train_model(
     """Train ``model`` in place on ``data``; returns ``(mean loss, num_examples, steps)``.
 
     ``privacy``, when given, is a DP controller whose ``wrap`` method makes the model,
-    optimizer and loader private (see :mod:`consilia.client.privacy`).
+    optimizer and loader private (see :mod:`consilia.client.privacy.controller`).
     """
     seed_everything(seed)
     loader = make_loader(
@@ -112,7 +112,7 @@ def eval_loader(data: ImageData, train: TrainConfig, task: TaskSpec, batch_size:
 def evaluate_on(
     model: nn.Module, data: ImageData, train: TrainConfig, task: TaskSpec, batch_size: int = 256
 ):
-    """Evaluate ``model`` on ``data``: returns an :class:`~consilia.common.engine.EvalResult`."""
+    """Evaluate ``model`` on ``data``: returns an :class:`~consilia.common.training.engine.EvalResult`."""
     loader = eval_loader(data, train, task, batch_size)
     loss_fn = build_loss(train.loss, task.num_classes, None, train.focal_gamma)
     return evaluate_model(model, loader, loss_fn)

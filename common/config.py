@@ -155,7 +155,7 @@ class TrainConfig(StrictModel):
 
 
 class CalibrationConfig(StrictModel):
-    """Classifier calibration after the last round (CCVR; see :mod:`consilia.common.calibration`).
+    """Classifier calibration after the last round (CCVR; see :mod:`consilia.common.ccvr`).
 
     Sites send per-class sums of the head's input features; the coordinator re-fits the
     classifier head on virtual features drawn from the pooled class Gaussians.

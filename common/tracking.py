@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from consilia.common.round_records import LATE_KEY
+from consilia.common.rundir.round_records import LATE_KEY
 
 __all__ = [
     "TRACKERS",

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from consilia.client.trainer import ImageData
 from consilia.common.config import RunConfig
 from consilia.common.constants import RunConfigKey
-from consilia.common.engine import seed_everything
+from consilia.common.training.engine import seed_everything
 from consilia.common.instructions import RoundInstruction
 from consilia.common.serde import arrays_from_model
 from consilia.server.fast_grid import FastPollGrid
@@ -48,7 +48,7 @@ def run_federation(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
     )
     arrays = result.arrays
     if run.strategy.calibration.enabled:
-        from consilia.server.calibration import calibrate_classifier, central_dp_outcome
+        from consilia.server.ccvr_round import calibrate_classifier, central_dp_outcome
 
         if arrays is None or len(arrays) == 0:
             arrays = arrays_from_model(recorder.model)

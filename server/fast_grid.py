@@ -6,7 +6,7 @@ boundary: on average 1.5 s lost per phase, 3 s per round, whatever the sites do.
 :class:`FastPollGrid` wraps any Grid and implements the same ``send_and_receive`` on the Grid's
 public ``push_messages``/``pull_messages``, polling after 0.05 s and then backing off to
 ``max_poll_s``; everything else is delegated unchanged. It also makes the Grid's own fetch of
-a reply's arrays retry after 50 ms instead of 1 s (:mod:`consilia.common.object_pulls`).
+a reply's arrays retry after 50 ms instead of 1 s (:mod:`consilia.common.flower.object_pulls`).
 
 ``consilia.server.app`` wraps its Grid with it; ``app`` here is the same ServerApp *without*
 the wrapper (Flower's plain polling), kept so the benchmark can compare both.
@@ -22,7 +22,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from consilia.common.object_pulls import quicker_object_pulls
+from consilia.common.flower.object_pulls import quicker_object_pulls
 
 __all__ = ["FastPollGrid", "app"]
 

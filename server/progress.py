@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from consilia.common.round_records import LATE_KEY, is_late_record
+from consilia.common.rundir.round_records import LATE_KEY, is_late_record
 
 __all__ = ["format_final", "format_round", "readable_reason"]
 

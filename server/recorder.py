@@ -17,9 +17,9 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from consilia.client.trainer import ImageData, evaluate_on
 from consilia.common.config import RunConfig
 from consilia.common.constants import MessageKey
-from consilia.common.metrics import compute_metrics
-from consilia.common.plots import plot_confusion_matrix, plot_learning_curves
-from consilia.common.round_records import LATE_KEY, merge_round_records
+from consilia.common.evaluation.metrics import compute_metrics
+from consilia.common.evaluation.plots import plot_confusion_matrix, plot_learning_curves
+from consilia.common.rundir.round_records import LATE_KEY, merge_round_records
 from consilia.common.serde import load_arrays_into_model, model_from_run_config, save_checkpoint
 from consilia.common.tracking import open_tracker
 from consilia.server.progress import format_round
@@ -143,7 +143,7 @@ class RunRecorder:
         With ``site_evaluation: with-next-round`` the sites evaluate each global model when
         it reaches them with the next round's (``with_round``) train message and send the
         result with their training reply. This merges it into ``model_round``'s record and
-        appends a late record to ``rounds.jsonl`` (see :mod:`consilia.common.round_records`).
+        appends a late record to ``rounds.jsonl`` (see :mod:`consilia.common.rundir.round_records`).
         ``aggregate`` is the strategy's evaluation-metrics aggregation (weighted by each
         site's number of validation images).
         """

@@ -16,8 +16,8 @@ import torch
 
 from consilia.client.trainer import ImageData, build_task_model, evaluate_on, train_model
 from consilia.common.config import RunConfig
-from consilia.common.engine import EvalResult
-from consilia.common.metrics import compute_metrics
+from consilia.common.training.engine import EvalResult
+from consilia.common.evaluation.metrics import compute_metrics
 from consilia.common.serde import save_checkpoint
 
 __all__ = ["BaselineResult", "run_centralized", "run_local_only"]

@@ -133,7 +133,7 @@ def _cmd_export_sites(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(_: argparse.Namespace) -> int:
-    from consilia.common.datasets import DATASETS
+    from consilia.common.data.datasets import DATASETS
     from consilia.common.models import MODELS
 
     print("models:")
@@ -151,11 +151,11 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
     root = resolve_data_root(args.data_root)
     if args.dataset == "mednist":
-        from consilia.common.datasets.mednist import download_mednist
+        from consilia.common.data.datasets.mednist import download_mednist
 
         download_mednist(root)
     else:
-        from consilia.common.datasets.medmnist import download_medmnist
+        from consilia.common.data.datasets.medmnist import download_medmnist
 
         download_medmnist(args.dataset, root)
     print(f"downloaded {args.dataset} under {root}")

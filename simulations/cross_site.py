@@ -5,13 +5,13 @@ centralized baseline and each site's local-only model) is evaluated on every sit
 held-out validation split (``sites/site-XX.npz``, the data that site never trained on):
 
 * ``cross_site.csv``: one row per (model, site) pair with ``n``, ``auc`` and ``accuracy``
-  (:func:`consilia.common.evaluation.cross_site_matrix`);
+  (:func:`consilia.common.evaluation.clinical.cross_site_matrix`);
 * ``plots/cross_site_heatmap.png``: the model x site AUC matrix;
 * ``final_metrics.json["cross_site"]``: the AUC and accuracy matrices plus the generalisation
-  gap per site (:func:`~consilia.common.evaluation.generalisation_gap`);
+  gap per site (:func:`~consilia.common.evaluation.clinical.generalisation_gap`);
 * ``final_metrics.json["fairness"]``: worst site, best site, gap, mean and std across sites of
   the global model (and of each local model on its own site), from
-  :func:`~consilia.common.evaluation.site_spread`.
+  :func:`~consilia.common.evaluation.clinical.site_spread`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from consilia.common.evaluation import (
+from consilia.common.evaluation.clinical import (
     cross_site_matrix,
     eval_transform_for,
     generalisation_gap,

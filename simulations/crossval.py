@@ -26,7 +26,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from consilia.common.config import ConfigError, ExperimentConfig
-from consilia.common.datasets import DatasetBundle, ImageSplit, load_dataset, stratified_subsample
+from consilia.common.data.datasets import DatasetBundle, ImageSplit, load_dataset, stratified_subsample
 
 __all__ = ["CVResult", "format_summary", "kfold_bundles", "pool_splits", "run_cross_validation"]
 

@@ -9,9 +9,9 @@ identifiers only: PatientName ``Anonymous^Rehearsal``, PatientID ``<SITE>-<n>`` 
     out_dir/<site>/images/<class>/<n>.dcm
     out_dir/<site>/labels.csv        # path,label,sop_instance_uid[,split]
 
-which is exactly what :class:`consilia.client.data_source.DicomSourceConfig` reads
+which is exactly what :class:`consilia.client.site.data_sources.DicomSourceConfig` reads
 (``root=out_dir/<site>``, ``labels_csv=labels.csv``). The pixels are written without a window,
-so :func:`consilia.common.dicom.read_dicom` returns them unchanged (8-bit full range).
+so :func:`consilia.common.data.dicom.read_dicom` returns them unchanged (8-bit full range).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from consilia.common.datasets.sitefile import load_site_npz
+from consilia.common.data.sitefile import load_site_npz
 
 __all__ = [
     "PATIENT_NAME",

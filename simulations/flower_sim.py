@@ -17,7 +17,7 @@ from flwr.app import Context, RecordDict
 from consilia.client.app import app as client_app
 from consilia.common.config import RunConfig, SimulationConfig
 from consilia.common.constants import RunConfigKey
-from consilia.common.flower_app import write_flower_app
+from consilia.common.flower.app_project import write_flower_app
 from consilia.server.app import app as server_app
 
 __all__ = ["RayAddressError", "run_flower_simulation", "validate_ray_address"]

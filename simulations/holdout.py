@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from consilia.client.trainer import ImageData, evaluate_on
-from consilia.common.metrics import compute_metrics
+from consilia.common.evaluation.metrics import compute_metrics
 from consilia.common.serde import load_checkpoint
 from consilia.simulations.partition import FederatedPartition, SiteData, site_name
 

@@ -41,8 +41,8 @@ from flwr_datasets.partitioner import (
 from sklearn.model_selection import train_test_split
 
 from consilia.common.config import PartitionConfig
-from consilia.common.datasets.base import ImageSplit
-from consilia.common.datasets.sitefile import load_site_npz, save_site_npz
+from consilia.common.data.datasets.base import ImageSplit
+from consilia.common.data.sitefile import load_site_npz, save_site_npz
 
 __all__ = [
     "FederatedPartition",

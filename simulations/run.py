@@ -20,11 +20,11 @@ import yaml
 
 from consilia.client.trainer import ImageData
 from consilia.common.config import ExperimentConfig, TaskSpec
-from consilia.common.datasets import DatasetBundle, load_dataset
-from consilia.common.engine import seed_everything
-from consilia.common.environment import library_versions
-from consilia.common.plots import plot_learning_curves
-from consilia.common.round_records import read_round_records
+from consilia.common.data.datasets import DatasetBundle, load_dataset
+from consilia.common.training.engine import seed_everything
+from consilia.common.library_versions import library_versions
+from consilia.common.evaluation.plots import plot_learning_curves
+from consilia.common.rundir.round_records import read_round_records
 from consilia.simulations.baselines import run_centralized, run_local_only
 from consilia.simulations.cross_site import cross_site_validation
 from consilia.simulations.flower_sim import run_flower_simulation

@@ -47,7 +47,7 @@ from consilia.common.config import (
     apply_overrides,
     parse_model,
 )
-from consilia.common.round_records import read_round_records
+from consilia.common.rundir.round_records import read_round_records
 
 __all__ = [
     "ALIASES",

@@ -1,0 +1,1 @@
+"""Benchmarks: figures and ratios, not tests (run from the repository root)."""

@@ -1,0 +1,366 @@
+"""fl-client: --check on good and broken setups, --privacy, and the supervisor's behaviour."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from site_testkit import TLSServer, free_port, make_certs, write_site
+
+from consilia.common.flower import supernode_launch
+from consilia.client.cli import main
+from consilia.client.site.check import probe_tls, run_site_check
+from consilia.client.site.config import load_site_config
+from consilia.client.site.supervisor import Backoff, SiteSupervisor, explain_supernode_exit
+
+
+@pytest.fixture(autouse=True)
+def _clean_consilia_logger():
+    """fl-client installs console handlers; keep them from leaking between tests."""
+    logger = logging.getLogger("consilia")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    logger.handlers.clear()
+    yield
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory):
+    """A TLS server standing in for the coordinator, with its CA."""
+    certs = make_certs(tmp_path_factory.mktemp("coordinator"))
+    with TLSServer(certs["cert"], certs["key"]) as server:
+        yield server, certs
+
+
+@pytest.fixture()
+def good_site(tmp_path, coordinator) -> Path:
+    server, certs = coordinator
+    path = write_site(tmp_path / "site", coordinator=f"localhost:{server.port}")
+    shutil.copy(certs["ca"], path.parent / "certs" / "ca.crt")
+    return path
+
+
+def _set(path: Path, section: str, key: str, value) -> None:
+    data = yaml.safe_load(path.read_text())
+    data.setdefault(section, {})[key] = value
+    path.write_text(yaml.safe_dump(data))
+
+
+# -- --check -------------------------------------------------------------------------------
+
+
+def test_check_good_setup_is_ready(good_site, coordinator, capsys):
+    server, _ = coordinator
+    before = server.handshakes
+    assert main(["--site", str(good_site), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "READY (0 warning(s))." in out
+    assert "[OK  ] coordinator: TLS handshake with localhost:" in out
+    assert "[OK  ] data: 12 usable images (normal: 6, pneumonia: 6)" in out
+    assert "[OK  ] authentication key:" in out and "mode 0600" in out
+    assert "Usable images: 12 of 12 files found" in out  # the data scan's own report
+    assert ("calibration feature statistics: shared once per run when asked, classes under 20 "
+            "images withheld; in runs trained with local DP: Gaussian-noised (noise "
+            "multiplier 5, in the privacy ledger)") in out
+    deadline = time.monotonic() + 5
+    while server.handshakes == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.handshakes > before
+
+
+def test_check_broken_setup_lists_every_problem(tmp_path, capsys):
+    path = write_site(tmp_path / "site", coordinator=f"127.0.0.1:{free_port()}",
+                      class_names=["normal", "pneumonia"])
+    os.chmod(path.parent / "keys" / "site.key", 0o644)
+    shutil.rmtree(path.parent / "images" / "pneumonia")
+    assert main(["--site", str(path), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "[WARN] data: 6 usable images (normal: 6, pneumonia: 0); no image for pneumonia" in out
+    assert "[FAIL] authentication key:" in out and "chmod 600" in out
+    assert "[FAIL] coordinator:" in out and "refused the connection" in out
+    assert "NOT READY: 2 problem(s)" in out
+
+
+def test_check_missing_certificate_and_key(tmp_path):
+    path = write_site(tmp_path / "site")
+    (path.parent / "certs" / "ca.crt").unlink()
+    (path.parent / "keys" / "site.key").unlink()
+    report = run_site_check(path)
+    by_name = {r.name: r for r in report.results}
+    assert by_name["CA certificate"].status == "FAIL"
+    assert "ca.crt not found" in by_name["CA certificate"].detail
+    assert by_name["authentication key"].status == "FAIL"
+    assert "ssh-keygen -t ecdsa" in by_name["authentication key"].detail
+    assert by_name["coordinator"].detail == "not tested (no usable CA certificate)"
+    assert report.exit_code == 1
+
+
+def test_check_wrong_ca_is_explained(tmp_path, coordinator):
+    server, _ = coordinator
+    path = write_site(tmp_path / "site", coordinator=f"127.0.0.1:{server.port}")  # own CA
+    report = run_site_check(path)
+    coord = next(r for r in report.results if r.name == "coordinator")
+    assert coord.status == "FAIL"
+    assert "not signed by the CA in" in coord.detail
+
+
+def test_check_invalid_config_and_empty_data(tmp_path, capsys):
+    path = write_site(tmp_path / "site")
+    _set(path, "policy", "max_rounds", -1)
+    assert main(["--site", str(path), "--check"]) == 1
+    assert "[FAIL] config:" in capsys.readouterr().out
+    path = write_site(tmp_path / "site2")
+    for sub in (path.parent / "images").iterdir():
+        for f in sub.iterdir():
+            f.unlink()
+    report = run_site_check(path)
+    data = next(r for r in report.results if r.name == "data")
+    assert data.status == "FAIL" and "no usable image" in data.detail
+
+
+def test_check_warns_about_subprocess_isolation_and_unknown_models(good_site):
+    _set(good_site, "runtime", "isolation", "subprocess")
+    _set(good_site, "policy", "allowed_models", ["cnn", "densnet121"])
+    report = run_site_check(good_site)
+    warnings = {r.name: r.detail for r in report.results if r.status == "WARN"}
+    assert "NOT checked" in warnings["app approval"]
+    assert "densnet121" in warnings["policy"]
+    assert report.exit_code == 0
+
+
+def test_probe_tls_names_unresolvable_host(tmp_path):
+    certs = make_certs(tmp_path)
+    with pytest.raises(Exception, match="cannot resolve 'no-such-host.invalid'"):
+        probe_tls("no-such-host.invalid", 443, certs["ca"], timeout_s=2)
+
+
+# -- --privacy -----------------------------------------------------------------------------
+
+
+def test_privacy_without_and_with_history(tmp_path, capsys):
+    path = write_site(tmp_path / "site", policy={"dp": {"required": True, "budget_epsilon": 6}})
+    assert main(["--site", str(path), "--privacy"]) == 0
+    out = capsys.readouterr().out
+    assert "Site 'hospital-a' privacy policy: this site trains only with local differential " \
+           "privacy, at most ε=8 per run" in out
+    assert "Lifetime budget per dataset: ε=6" in out and "cannot raise it" in out
+    assert "no differentially private training has happened at this site yet" in out
+
+    from consilia.client.privacy.ledger import PrivacyLedger
+
+    cfg = load_site_config(path)
+    ledger = PrivacyLedger(cfg.ledger_path)
+    ledger.open_entry("hospital-a", accountant="rdp", delta=1e-5, target_epsilon=6.0)
+    ledger.record_round("hospital-a", run_id="42", server_round=1, steps=20, sample_rate=0.1,
+                        noise_multiplier=1.1)
+    assert main(["--site", str(path), "--privacy"]) == 0
+    out = capsys.readouterr().out
+    assert "Dataset 'hospital-a': this site has spent ε=" in out
+    assert "over 1 round in 1 run" in out and "run 42, round 1" in out
+    assert main(["--site", str(path), "--privacy", "--json"]) == 0
+    assert '"consilia-privacy-ledger-v1"' in capsys.readouterr().out
+
+
+def test_privacy_with_corrupt_ledger_fails_clearly(tmp_path, capsys):
+    path = write_site(tmp_path / "site")
+    ledger = path.parent / "state" / "privacy-ledger.json"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text("{ truncated")
+    assert main(["--site", str(path), "--privacy"]) == 1
+    err = capsys.readouterr().err
+    assert "not valid JSON" in err and "restore the file" in err
+
+
+def test_invalid_config_exits_2(tmp_path, capsys):
+    path = write_site(tmp_path / "site")
+    _set(path, "coordinator", "address", "nowhere")
+    assert main(["--site", str(path), "--privacy"]) == 2
+    assert "coordinator.address" in capsys.readouterr().err
+
+
+# -- running: supervisor -------------------------------------------------------------------
+
+
+def test_supervisor_commands_are_outbound_only_with_tls_and_key(good_site):
+    cfg = load_site_config(good_site)
+    sup = SiteSupervisor(cfg, good_site)
+    node = sup.supernode_command()
+    joined = " ".join(node)
+    assert "consilia.common.flower.supernode_launch" in joined
+    assert node[node.index("--superlink") + 1] == cfg.coordinator.address
+    assert node[node.index("--root-certificates") + 1] == str(cfg.coordinator.ca_certificate)
+    assert node[node.index("--auth-supernode-private-key") + 1] == str(cfg.coordinator.auth_key)
+    assert node[node.index("--host") + 1] == "127.0.0.1"
+    assert node[node.index("--isolation") + 1] == "process"
+    assert node[node.index("--node-config") + 1] == f'site-config="{good_site.resolve()}"'
+    assert "--superexec-auth-secret-file" in node and "--insecure" not in node
+    worker = sup.worker_command()
+    runtime_api = worker[worker.index("--runtime-api-address") + 1]
+    assert runtime_api == f"127.0.0.1:{cfg.runtime.runtime_port}"
+    env = sup.child_env()
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert env["FLWR_HOME"] == str(cfg.state_dir / "flwr")
+    _set(good_site, "runtime", "isolation", "subprocess")
+    sub = SiteSupervisor(load_site_config(good_site), good_site)
+    assert [c.name for c in sub._children()] == ["supernode"]
+    assert "--superexec-auth-secret-file" not in sub.supernode_command()
+
+
+def test_supervisor_refuses_to_start_with_a_readable_key(tmp_path, capsys):
+    path = write_site(tmp_path / "site")
+    os.chmod(path.parent / "keys" / "site.key", 0o640)
+    assert main(["--site", str(path)]) == 2
+    assert "chmod 600" in capsys.readouterr().out
+
+
+def test_supervisor_backs_off_while_the_coordinator_is_unreachable(tmp_path, caplog):
+    path = write_site(tmp_path / "site", coordinator=f"127.0.0.1:{free_port()}")
+    cfg = load_site_config(path)
+    sup = SiteSupervisor(cfg, path)
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    timer = threading.Timer(3.6, sup.stop_event.set)
+    caplog.set_level(logging.INFO, logger="consilia")
+    logging.getLogger("consilia").propagate = True
+    try:
+        timer.start()
+        start = time.monotonic()
+        assert sup.run() == 0
+        assert time.monotonic() - start < 15
+    finally:
+        timer.cancel()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    waits = [r.getMessage() for r in caplog.records if "coordinator unreachable" in r.message]
+    assert len(waits) >= 2
+    assert "refused the connection" in waits[0] and waits[0].endswith("retrying in 1 s")
+    assert waits[1].endswith("retrying in 2 s")
+    assert not any("starting supernode" in r.message for r in caplog.records)
+    secret = cfg.state_dir / "runtime-secret"
+    assert secret.is_file() and (secret.stat().st_mode & 0o077) == 0
+
+
+def test_backoff_doubles_caps_and_resets():
+    backoff = Backoff(max_s=5)
+    assert [backoff.next() for _ in range(5)] == [1, 2, 4, 5, 5]
+    backoff.reset()
+    assert backoff.next() == 1
+
+
+def test_supernode_exit_codes_are_explained():
+    assert "register" in explain_supernode_exit(305)
+    assert explain_supernode_exit(-9) == "killed by signal 9"
+
+
+def test_supernode_poll_tuning_only_touches_flowers_loop(monkeypatch):
+    from flwr.supernode import start_client_internal as loop
+
+    monkeypatch.setattr(loop, "time", time)
+    assert supernode_launch.tune_supernode_poll(0.01, 0.01, 60)
+    start = time.monotonic()
+    loop.time.sleep(3)  # Flower's idle wait, now shortened
+    assert time.monotonic() - start < 1
+    assert loop.time.time() == pytest.approx(time.time(), abs=1)
+    assert time.sleep is not loop.time.sleep  # the real module is untouched
+
+
+def test_supernode_polls_fast_during_a_run_and_slowly_when_idle():
+    now = [1000.0]
+    slept: list[float] = []
+    poll = supernode_launch.AdaptivePollTime(1.0, 0.1, 60.0, clock=lambda: now[0],
+                                             sleeper=slept.append)
+    poll.sleep(3)  # idle: Flower's 3 s becomes the idle interval
+    assert slept[-1] == 1.0 and not poll.active
+    poll.sleep(0.5)  # waiting for the ClientApp's reply: a run is active
+    assert slept[-1] == 0.1 and poll.active
+    now[0] += 30
+    poll.sleep(3)  # within the window: next message picked up quickly
+    assert slept[-1] == 0.1
+    now[0] += 31
+    poll.sleep(3)  # 61 s after the last reply: back to the idle pace
+    assert slept[-1] == 1.0 and not poll.active
+
+
+def test_supervisor_passes_the_poll_settings_to_the_supernode(tmp_path):
+    path = write_site(tmp_path / "site")
+    config = load_site_config(path)
+    config.runtime.superlink_poll_interval_s = 2.0
+    config.runtime.active_poll_interval_s = 0.05
+    config.runtime.active_window_s = 30
+    cmd = SiteSupervisor(config, path).supernode_command()
+    cut = cmd.index("--")
+    assert cmd[cut - 6:cut] == ["--poll-interval", "2.0", "--active-poll-interval", "0.05",
+                                "--active-window", "30.0"]
+
+
+def test_supervisor_restarts_a_child_that_exits_with_back_off(tmp_path, caplog):
+    import sys
+
+    from consilia.client.site.supervisor import _Child
+
+    path = write_site(tmp_path / "site")
+    sup = SiteSupervisor(load_site_config(path), path)
+    child = _Child("clientapp", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ),
+                   backoff=Backoff(max_s=60))
+    caplog.set_level(logging.INFO, logger="consilia")
+    logging.getLogger("consilia").propagate = True
+    sup._tend(child, time.monotonic())  # first start
+    assert child.process is not None
+    child.process.wait(timeout=30)
+    sup._tend(child, time.monotonic())  # notices the exit, schedules a restart in 1 s
+    assert child.process is None
+    assert any("exited with code 3; restarting in 1 s" in r.getMessage() for r in caplog.records)
+    sup._tend(child, time.monotonic())  # too early: not restarted yet
+    assert child.process is None
+    sup._tend(child, time.monotonic() + 1.1)
+    assert child.process is not None
+    child.process.wait(timeout=30)
+    sup._tend(child, time.monotonic())
+    assert any("restarting in 2 s" in r.getMessage() for r in caplog.records)
+
+
+def test_object_pulls_retry_after_50_ms_in_the_patched_module_only():
+    import types
+
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from consilia.common.flower.object_pulls import quicker_object_pulls
+
+    module = types.ModuleType("fake_flower_loop")
+    module.pull_objects = inflatable_utils.pull_objects
+    assert quicker_object_pulls(module) and quicker_object_pulls(module)  # idempotent
+    assert module.pull_objects.func is inflatable_utils.pull_objects
+    assert module.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
+    assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 1  # untouched
+    calls = {"n": 0}
+
+    def flaky(object_id: str) -> bytes:  # unavailable twice, as while an upload runs
+        from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    start = time.monotonic()
+    assert module.pull_objects(["a"], pull_object_fn=flaky) == {"a": b"content"}
+    assert time.monotonic() - start < 0.6  # Flower's default would wait 1 s + 2 s
+    assert not quicker_object_pulls(types.ModuleType("no_pulls"))
+
+
+def test_child_processes_move_flower_objects_eight_at_a_time_unless_told(monkeypatch):
+    from consilia.common.child_env import child_env
+
+    monkeypatch.delenv("FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS", raising=False)
+    monkeypatch.setenv("FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES", "3")
+    env = child_env()
+    assert env["FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS"] == "8"
+    assert env["FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES"] == "3"  # the operator's value wins
