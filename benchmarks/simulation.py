@@ -28,7 +28,7 @@ from consilia.simulations.run import run_experiment
 
 __all__ = ["main", "tree_rss_mb"]
 
-SCENARIOS = Path(__file__).parent / "scenarios"
+SCENARIOS = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
 REPO = Path(__file__).resolve().parent.parent
 PAPER_AUC = 0.944  # MedMNIST v2, ResNet-18 (28), PneumoniaMNIST test AUC
 

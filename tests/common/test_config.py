@@ -10,7 +10,7 @@ from consilia.common.config import (
     load_experiment_config,
 )
 
-SCENARIOS = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 
 
 def test_defaults_are_the_documented_main_job():

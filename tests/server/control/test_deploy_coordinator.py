@@ -34,7 +34,7 @@ from consilia.server.control.superlink import (
     superlink_command,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 DEPLOY = REPO / "deploy"
 TASK = {"class_names": ["normal", "pneumonia"], "in_channels": 1, "image_size": 16}
 
