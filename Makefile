@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sim test test-fast lint bench clean
+.PHONY: install sim test test-fast lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-lint: $(STAMP)
+lint: $(STAMP) typecheck
 	$(BIN)/ruff check .
+
+# mypy reads the packages under their import names: link the folders as build/mypy/consilia/*.
+typecheck: $(STAMP)
+	mkdir -p build/mypy/consilia
+	for d in common client server simulations; do ln -sfn ../../../$$d build/mypy/consilia/$$d; done
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.simulation

@@ -54,7 +54,7 @@ def classify_deploy_process(cmdline: str) -> str:
         ("consilia.server", "fl-server"),
         ("flower-supernode", "SuperNodes"),
         ("supernode_launch", "SuperNodes"),
-        ("site_worker", "site ClientApps"),
+        ("client.site.worker", "site ClientApps"),
         ("flwr-clientapp", "site ClientApps"),
         ("consilia.client", "fl-client supervisors"),
         ("bin/flwr ", "flwr CLI (run status)"),
