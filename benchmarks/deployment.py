@@ -7,7 +7,7 @@ compares the time per round (rounds 2..R; round 1 holds start-up). Deployment mo
 (``--modes``, default the first two, ``all`` for every one):
 
 - as shipped: the site's long-lived ClientApp process, adaptive site polling (fast while a
-  run is active) and the coordinator's :class:`~consilia.server.fast_grid.FastPollGrid`;
+  run is active) and the coordinator's :class:`~consilia.common.flower.fast_grid.FastPollGrid`;
 - fixed 1 s site polling: the same with the SuperNode and ClientApp process polling at a fixed
   pace (what the site did before adaptive polling);
 - plus Flower's 3 s coordinator reply polling (no FastPollGrid);
@@ -44,15 +44,15 @@ import numpy as np
 import tomli_w
 import yaml
 
-from consilia.common.config import RunConfig, SimulationConfig
-from consilia.common.paths import repo_shared_data_dir
-from consilia.common.rundir.round_records import read_round_records
-from consilia.simulations.local_federation import LocalFederation, mednist_sites
 from benchmarks.proc_cpu import (
     ProcessCpuSampler,
     classify_deploy_process,
     classify_simulation_process,
 )
+from consilia.common.config import RunConfig, SimulationConfig
+from consilia.common.paths import repo_shared_data_dir
+from consilia.common.rundir.round_records import read_round_records
+from consilia.simulations.local_federation import LocalFederation, mednist_sites
 
 __all__ = ["main", "per_round_seconds", "report", "run_benchmark", "site_compute_seconds"]
 
@@ -123,8 +123,8 @@ def _model_bytes(run: RunConfig) -> int:
 
 def _prepare_sites(work: Path, per_site: int, data_root: Path):
     """Export each site's DICOM folder and the simulation's site files with the same split."""
-    from consilia.client.site.config import stratified_split
-    from consilia.common.data.datasets.base import ImageSplit
+    from consilia.client.site.assembly import stratified_split
+    from consilia.common.data.images import ImageData
     from consilia.common.data.sitefile import save_site_npz
     from consilia.simulations.export_sites import export_site_dicoms
 
@@ -134,8 +134,8 @@ def _prepare_sites(work: Path, per_site: int, data_root: Path):
         folders.append(export_site_dicoms(images, labels, classes, work / "dicom", name,
                                           seed=1))
         tr, va = stratified_split(labels, 0.2, 0)  # what the deployed site does
-        save_site_npz(work / "sim-sites" / f"site-{i:02d}.npz", ImageSplit(images[tr], labels[tr]),
-                      ImageSplit(images[va], labels[va]), classes)
+        save_site_npz(work / "sim-sites" / f"site-{i:02d}.npz", ImageData(images[tr], labels[tr]),
+                      ImageData(images[va], labels[va]), classes)
     return classes, folders
 
 
@@ -173,7 +173,8 @@ def _deploy(fed: LocalFederation, run_yaml: Path, folders: list[Path], name: str
         app_dir = prepare_run_dir(load_run_config(run_yaml), run_dir, ["bench"])
         pyproject = app_dir / "pyproject.toml"
         data = tomllib.loads(pyproject.read_text())
-        data["tool"]["flwr"]["app"]["components"]["serverapp"] = "consilia.server.fast_grid:app"
+        components = data["tool"]["flwr"]["app"]["components"]
+        components["serverapp"] = "consilia.server.plain_grid_app:app"
         pyproject.write_text(tomli_w.dumps(data))
         run_id = _submit_app(fed, app_dir)
     else:
@@ -327,7 +328,8 @@ def report(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table (and write JSON with ``--out``)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.deployment",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--per-site", type=int, default=400, help="images per site")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")

@@ -9,9 +9,9 @@
    (:func:`consilia.simulations.run.run_experiment`) whose Flower transport is the in-process
    grid (:mod:`consilia.simulations.inprocess`: same ServerApp, ClientApp and wire format,
    no Ray start-up per run).
-2. **Membership inference** (:mod:`consilia.simulations.audits.membership_inference`) against the final global model
-   of the ε ∈ {∞, 8, 3} runs: loss-threshold and LiRA attack AUCs (``privacy_audit.json`` in
-   each run directory, shown by ``fl-report``).
+2. **Membership inference** (:mod:`consilia.simulations.audits.membership_inference`) against
+   the final global model of the ε ∈ {∞, 8, 3} runs: loss-threshold and LiRA attack AUCs
+   (``privacy_audit.json`` in each run directory, shown by ``fl-report``).
 3. **Step cost** — time and peak memory of one DP-SGD step vs a plain step, per registered
    model and grad-sample mode (1 thread, fixed batch, noise 1.0, clip 1.0).
 
@@ -40,6 +40,7 @@ from unittest import mock
 
 import torch
 
+from consilia.common.rundir.layout import RunDir
 from consilia.common.rundir.round_records import read_round_records
 
 __all__ = [
@@ -95,8 +96,8 @@ def run_utility(
     """Run one federation per (dataset, ε); audit the ``mia_epsilons`` ones. Return rows."""
     from consilia.common.config import load_experiment_config
     from consilia.simulations import run as run_module
-    from consilia.simulations.inprocess import run_inprocess_simulation
     from consilia.simulations.audits.membership_inference import audit_run
+    from consilia.simulations.inprocess import run_inprocess_simulation
 
     rows = []
     for dataset in datasets:
@@ -176,7 +177,7 @@ def site_train_seconds(run_dir: Path) -> float | None:
 
 
 def _noise_multiplier(run_dir: Path) -> float | None:
-    ledgers = sorted((run_dir / "site-state").glob("*/privacy-ledger.json"))
+    ledgers = RunDir(run_dir).privacy_ledger_paths()
     for path in ledgers:
         data = json.loads(path.read_text())
         for entry in data.get("entries", {}).values():
@@ -186,13 +187,8 @@ def _noise_multiplier(run_dir: Path) -> float | None:
 
 
 def _site_sizes(run_dir: Path) -> list[int]:
-    import numpy as np
-
-    sizes = []
-    for path in sorted((run_dir / "sites").glob("site-*.npz")):
-        with np.load(path) as z:
-            sizes.append(int(z["train_labels"].shape[0]))
-    return sizes
+    run = RunDir(run_dir)
+    return [int(run.read_site(path.stem)[0].labels.shape[0]) for path in run.site_files()]
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,7 +246,7 @@ def measure_step_cost(
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from consilia.client.privacy.controller import enable_fast_dp_step
+    from consilia.client.privacy.dpsgd import enable_fast_dp_step
     from consilia.common.models import build_model
 
     torch.manual_seed(0)
@@ -299,13 +295,13 @@ def measure_default_overhead(
 
     The plain and the private model step alternately on the same batch, so a busy shared
     machine slows both alike; returns both medians (ms) and their ratio. The private path
-    is the project's (:func:`consilia.client.privacy.controller.enable_fast_dp_step`, as in
+    is the project's (:func:`consilia.client.privacy.dpsgd.enable_fast_dp_step`, as in
     ``PrivacyController.make_private``).
     """
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from consilia.client.privacy.controller import enable_fast_dp_step
+    from consilia.client.privacy.dpsgd import enable_fast_dp_step
     from consilia.common.models import build_model
 
     torch.manual_seed(0)
@@ -471,7 +467,8 @@ def _utility_markdown(rows: list[dict[str, Any]], results: dict[str, Any]) -> li
                 "(same ranking as the confidence p(y|x)). LiRA: online, global variance, "
                 f"{shadows} shadow models trained centrally with the run's recipe (same model,"
                 " optimizer, batch, rounds × local epochs, and DP-SGD at the same ε) on "
-                "random halves of the audit pool (`consilia.simulations.audits.membership_inference`). AUC 0.5 = "
+                "random halves of the audit pool "
+                "(`consilia.simulations.audits.membership_inference`). AUC 0.5 = "
                 "chance. Caveat: a shadow model sees about 500 images, the target about 3000 "
                 "(all sites), so shadows overfit more than the target; this makes LiRA "
                 "weaker here than against a model trained on the pool size it was "
@@ -540,7 +537,7 @@ def _cost_markdown(rows: list[dict[str, Any]], results: dict[str, Any]) -> list[
            "the careful one for the default model.", "",
            "| model | non-private | " + " | ".join(modes) + " | auto picks |",
            "|---|---|" + "---|" * len(modes) + "---|"]
-    from consilia.client.privacy.controller import choose_grad_sample_mode
+    from consilia.client.privacy.dpsgd import choose_grad_sample_mode
 
     for r in rows:
         cells = [_fmt_cost(r["modes"][m]) for m in modes]
@@ -666,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds["cost"] = round(time.perf_counter() - t0, 1)
     if "overhead" in parts:
         t0 = time.perf_counter()
-        from consilia.client.privacy.controller import choose_grad_sample_mode
+        from consilia.client.privacy.dpsgd import choose_grad_sample_mode
 
         mode = choose_grad_sample_mode("cnn")
         results["default_overhead"] = [

@@ -92,7 +92,7 @@ def run_mode(link: kit.LocalSuperLink, site_dir: Path, work: Path, name: str,
 
 def main() -> None:
     """Run every mode and print a table (and JSON with ``--out``)."""
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.site_isolation")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")

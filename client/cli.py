@@ -20,6 +20,7 @@ from pathlib import Path
 
 from consilia.client.site.config import SiteConfig, load_site_config
 from consilia.common.config import ConfigError
+from consilia.common.logs import SITE, setup_logging
 
 __all__ = ["build_parser", "main", "privacy_text"]
 
@@ -57,7 +58,7 @@ def privacy_text(config: SiteConfig) -> str:
         If the ledger file exists but cannot be trusted.
 
     """
-    from consilia.client.privacy.ledger import PrivacyLedger
+    from consilia.client.privacy.ledger import PrivacyLedger  # opacus: only for --privacy
 
     dp = config.policy.dp
     if dp.required:
@@ -79,24 +80,11 @@ def privacy_text(config: SiteConfig) -> str:
     return header + "\n\n" + ledger.to_text()
 
 
-def _setup_console_logging(config: SiteConfig, verbose: bool) -> None:
-    config.log_dir.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    logger = logging.getLogger("consilia")
-    logger.handlers.clear()
-    for handler in (logging.StreamHandler(sys.stdout),
-                    logging.FileHandler(config.log_dir / "fl-client.log", encoding="utf-8")):
-        handler.setFormatter(fmt)
-        logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``fl-client``; return the process exit code."""
     args = build_parser().parse_args(argv)
     if args.check:
-        from consilia.client.site.check import run_site_check
+        from consilia.client.site.check import run_site_check  # only for --check (start-up)
 
         report = run_site_check(args.site, decode=args.decode)
         print(report.to_text())
@@ -107,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     if args.privacy:
-        from consilia.client.privacy.ledger import LedgerCorruptError, PrivacyLedger
+        from consilia.client.privacy.ledger import LedgerCorruptError, PrivacyLedger  # opacus
 
         try:
             if args.json:
@@ -118,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             print(exc, file=sys.stderr)
             return 1
         return 0
-    from consilia.client.site.supervisor import SiteSupervisor
+    from consilia.client.site.supervisor import SiteSupervisor  # only when the site runs
 
-    _setup_console_logging(config, args.verbose)
+    setup_logging(args.verbose, config.log_dir / "fl-client.log", SITE)
     supervisor = SiteSupervisor(config, args.site, verbose=args.verbose)
     try:
         return supervisor.run()

@@ -16,38 +16,21 @@ from torch import nn
 
 from consilia.common.ccvr import FeatureStats, collect_feature_stats
 from consilia.common.config import TaskSpec, TrainConfig
-from consilia.common.training.engine import evaluate_model, seed_everything, snapshot_params, train_epochs
-from consilia.common.instructions import RoundInstruction
-from consilia.common.training.losses import build_loss
+from consilia.common.constants import MetricKey
+from consilia.common.data.array_dataset import ImageArrayDataset
+from consilia.common.data.images import ImageData
+from consilia.common.data.loaders import make_loader
+from consilia.common.data.transforms import build_train_transform
 from consilia.common.evaluation.metrics import compute_metrics
+from consilia.common.instructions import RoundInstruction
 from consilia.common.models import build_model
-from consilia.common.training.optimizers import build_optimizer
 from consilia.common.serde import clean_state_dict
-from consilia.common.data.transforms import (
-    ImageArrayDataset,
-    build_eval_transform,
-    build_train_transform,
-    make_loader,
-)
+from consilia.common.training.engine import seed_everything, snapshot_params, train_epochs
+from consilia.common.training.inference import eval_dataset, eval_loader, evaluate_on
+from consilia.common.training.losses import build_loss
+from consilia.common.training.optimizers import build_optimizer
 
-__all__ = [
-    "ImageData", "SiteTrainer", "build_task_model", "eval_loader", "evaluate_on", "train_model",
-]
-
-
-@dataclass
-class ImageData:
-    """A site's (or pool's) images as uint8 (N,C,H,W) and int64 labels (N,)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def class_counts(self, num_classes: int) -> np.ndarray:
-        """Return the number of samples per class."""
-        return np.bincount(self.labels, minlength=num_classes)
+__all__ = ["SiteTrainer", "build_task_model", "train_model"]
 
 
 def build_task_model(model_name: str, kwargs: dict, task: TaskSpec) -> nn.Module:
@@ -55,13 +38,13 @@ def build_task_model(model_name: str, kwargs: dict, task: TaskSpec) -> nn.Module
     return build_model(model_name, task.in_channels, task.num_classes, task.image_size, **kwargs)
 
 
-def _dataset(data: ImageData, train: TrainConfig, task: TaskSpec, seed: int, augment: bool):
-    if augment and train.augmentation.enabled:
-        transform = build_train_transform(
-            train.augmentation, train.preprocess, task.image_size, seed
-        )
-    else:
-        transform = build_eval_transform(train.preprocess, task.image_size)
+def _train_dataset(
+    data: ImageData, train: TrainConfig, task: TaskSpec, seed: int
+) -> ImageArrayDataset:
+    """Return ``data`` with the training pipeline (augmented when augmentation is enabled)."""
+    if not train.augmentation.enabled:
+        return eval_dataset(data, train, task)
+    transform = build_train_transform(train.augmentation, train.preprocess, task.image_size, seed)
     return ImageArrayDataset(data.images, data.labels, transform=transform)
 
 
@@ -83,7 +66,7 @@ def train_model(
     """
     seed_everything(seed)
     loader = make_loader(
-        _dataset(data, train, task, seed, augment=True), train.batch_size, shuffle=True, seed=seed
+        _train_dataset(data, train, task, seed), train.batch_size, shuffle=True, seed=seed
     )
     optimizer = build_optimizer(
         train.optimizer, model.parameters(), train.lr, train.momentum, train.weight_decay
@@ -100,22 +83,6 @@ def train_model(
         num_examples=len(data), on_epoch_end=on_epoch_end,
     )
     return result.loss, result.num_examples, result.steps
-
-
-def eval_loader(data: ImageData, train: TrainConfig, task: TaskSpec, batch_size: int):
-    """Return an unshuffled loader of ``data`` with evaluation preprocessing (no augmentation)."""
-    return make_loader(
-        _dataset(data, train, task, 0, augment=False), batch_size, shuffle=False, seed=0
-    )
-
-
-def evaluate_on(
-    model: nn.Module, data: ImageData, train: TrainConfig, task: TaskSpec, batch_size: int = 256
-):
-    """Evaluate ``model`` on ``data``: returns an :class:`~consilia.common.training.engine.EvalResult`."""
-    loader = eval_loader(data, train, task, batch_size)
-    loss_fn = build_loss(train.loss, task.num_classes, None, train.focal_gamma)
-    return evaluate_model(model, loader, loss_fn)
 
 
 @dataclass
@@ -177,16 +144,16 @@ class SiteTrainer:
             proximal_mu=instr.proximal_mu, privacy=privacy,
         )
         metrics = {
-            "train-loss": float(loss),
-            "num-examples": int(num_examples),
-            "train-seconds": time.perf_counter() - start,
-            "dp-enabled": 0.0,
-            "epsilon": 0.0,
+            MetricKey.TRAIN_LOSS.value: float(loss),
+            MetricKey.NUM_EXAMPLES.value: int(num_examples),
+            MetricKey.TRAIN_SECONDS.value: time.perf_counter() - start,
+            MetricKey.DP_ENABLED.value: 0.0,
+            MetricKey.EPSILON.value: 0.0,
         }
         if privacy is not None:
-            metrics["dp-enabled"] = 1.0
-            metrics["epsilon"] = float(privacy.spent_epsilon())  # type: ignore[attr-defined]
-            metrics["delta"] = float(
+            metrics[MetricKey.DP_ENABLED.value] = 1.0
+            metrics[MetricKey.EPSILON.value] = float(privacy.spent_epsilon())  # type: ignore[attr-defined]
+            metrics[MetricKey.DELTA.value] = float(
                 privacy.effective_delta(len(self.train_data))  # type: ignore[attr-defined]
             )
         inner = getattr(model, "_module", model)
@@ -206,12 +173,12 @@ class SiteTrainer:
         res = evaluate_on(model, data, instr.train, instr.task)
         head = compute_metrics(res.y_true, res.y_prob, instr.task.class_names).headline()
         return {
-            "eval-loss": float(res.loss),
-            "accuracy": float(head["accuracy"]),
-            "balanced-accuracy": float(head["balanced_accuracy"]),
-            "auc": _finite(head["auc"]),
-            "f1": float(head["f1"]),
-            "num-examples": res.num_examples,
+            MetricKey.EVAL_LOSS.value: float(res.loss),
+            MetricKey.ACCURACY.value: float(head["accuracy"]),
+            MetricKey.BALANCED_ACCURACY.value: float(head["balanced_accuracy"]),
+            MetricKey.AUC.value: _finite(head["auc"]),
+            MetricKey.F1.value: float(head["f1"]),
+            MetricKey.NUM_EXAMPLES.value: res.num_examples,
         }
 
 

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from consilia.common.constants import CalibrationKey
+
 __all__ = [
     "CalibrationError",
     "FeatureStats",
@@ -87,15 +89,16 @@ class FeatureStats:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Return the statistics as named arrays (the wire format of a site's reply)."""
-        return {"counts": self.counts, "sums": self.sums, "outer-sums": self.outer_sums}
+        return {CalibrationKey.COUNTS.value: self.counts, CalibrationKey.SUMS.value: self.sums,
+                CalibrationKey.OUTER_SUMS.value: self.outer_sums}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> FeatureStats:
         """Parse :meth:`to_arrays` output; raises :class:`CalibrationError` on bad shapes."""
         try:
-            counts = np.asarray(arrays["counts"], np.float64)
-            sums = np.asarray(arrays["sums"], np.float64)
-            outer = np.asarray(arrays["outer-sums"], np.float64)
+            counts = np.asarray(arrays[CalibrationKey.COUNTS.value], np.float64)
+            sums = np.asarray(arrays[CalibrationKey.SUMS.value], np.float64)
+            outer = np.asarray(arrays[CalibrationKey.OUTER_SUMS.value], np.float64)
         except KeyError as exc:
             raise CalibrationError(f"feature statistics lack the array {exc}") from None
         c, d = sums.shape if sums.ndim == 2 else (-1, -1)

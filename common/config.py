@@ -56,7 +56,7 @@ class TaskSpec(StrictModel):
 
     class_names: list[str] = Field(min_length=2)
     in_channels: Literal[1, 3] = 1
-    image_size: int = Field(64, ge=8, le=1024)
+    image_size: int = Field(default=64, ge=8, le=1024)
 
     @property
     def num_classes(self) -> int:
@@ -68,12 +68,14 @@ class AugmentationConfig(StrictModel):
     """Training-time augmentations (MONAI random transforms); all off when ``enabled`` is false."""
 
     enabled: bool = False
-    prob: float = Field(0.5, ge=0, le=1, description="probability of each random transform")
-    rotate_degrees: float = Field(10.0, ge=0, le=180)
+    prob: float = Field(default=0.5, ge=0, le=1, description="probability of each random transform")
+    rotate_degrees: float = Field(default=10.0, ge=0, le=180)
     flip: bool = True
-    zoom: float = Field(0.1, ge=0, le=0.5, description="max relative zoom in/out")
-    shift: float = Field(0.05, ge=0, le=0.5, description="max translation, fraction of size")
-    noise_std: float = Field(0.02, ge=0)
+    zoom: float = Field(default=0.1, ge=0, le=0.5, description="max relative zoom in/out")
+    shift: float = Field(
+        default=0.05, ge=0, le=0.5, description="max translation, fraction of size"
+    )
+    noise_std: float = Field(default=0.02, ge=0)
     contrast_gamma: tuple[float, float] = (0.8, 1.2)
     elastic: bool = False
     bias_field: bool = False
@@ -83,7 +85,7 @@ class PreprocessConfig(StrictModel):
     """Deterministic preprocessing applied to train and eval images alike."""
 
     normalize: Literal["none", "zscore", "minmax", "histogram"] = "none"
-    smooth_sigma: float = Field(0.0, ge=0, description="Gaussian denoising sigma (0 = off)")
+    smooth_sigma: float = Field(default=0.0, ge=0, description="Gaussian denoising sigma (0 = off)")
     bias_field_correction: bool = False
 
 
@@ -92,31 +94,40 @@ class DataConfig(StrictModel):
 
     dataset: str = "mednist"
     root: Path | None = None
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    max_samples: int | None = Field(None, ge=10, description="subsample the pool (quick runs)")
-    image_size: int | None = Field(None, ge=8, le=1024, description="resize (None = native)")
+    val_fraction: float = Field(default=0.1, ge=0, lt=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    max_samples: int | None = Field(
+        default=None, ge=10, description="subsample the pool (quick runs)"
+    )
+    image_size: int | None = Field(
+        default=None, ge=8, le=1024, description="resize (None = native)"
+    )
 
 
 class FeatureSkewConfig(StrictModel):
     """Per-site "scanner" shift: gamma/contrast, noise level, blur/resolution."""
 
     enabled: bool = False
-    strength: float = Field(1.0, ge=0, le=3, description="scales every per-site shift")
+    strength: float = Field(default=1.0, ge=0, le=3, description="scales every per-site shift")
 
 
 class PartitionConfig(StrictModel):
     """How the pooled training data are split into virtual hospitals."""
 
-    num_sites: int = Field(5, ge=1, le=10000)
+    num_sites: int = Field(default=5, ge=1, le=10000)
     scheme: Literal["iid", "dirichlet", "pathological", "quantity"] = "dirichlet"
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (label or quantity)")
-    classes_per_site: int = Field(2, ge=1, description="for scheme=pathological")
-    min_samples_per_site: int = Field(10, ge=1)
-    site_val_fraction: float = Field(0.2, ge=0, lt=1, description="each site's held-out split")
+    alpha: float = Field(
+        default=0.5, gt=0, description="Dirichlet concentration (label or quantity)"
+    )
+    classes_per_site: int = Field(default=2, ge=1, description="for scheme=pathological")
+    min_samples_per_site: int = Field(default=10, ge=1)
+    site_val_fraction: float = Field(
+        default=0.2, ge=0, lt=1, description="each site's held-out split"
+    )
     feature_skew: FeatureSkewConfig = FeatureSkewConfig()
     holdout_site: int | None = Field(
-        None, ge=0, description="leave-one-site-out: this site never trains and is evaluated "
+        default=None,
+        ge=0, description="leave-one-site-out: this site never trains and is evaluated "
         "at the end (external validation); the federation runs with num_sites - 1 sites"
     )
 
@@ -140,18 +151,20 @@ class ModelConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Local training at each site (and in the baselines)."""
 
-    local_epochs: int = Field(1, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=4096)
-    lr: float = Field(1e-3, gt=0, le=10)
+    local_epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    lr: float = Field(default=1e-3, gt=0, le=10)
     optimizer: Literal["sgd", "adam", "rmsprop"] = "adam"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
     loss: Literal["cross_entropy", "bce", "focal"] = "cross_entropy"
-    focal_gamma: float = Field(2.0, ge=0)
-    class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
+    focal_gamma: float = Field(default=2.0, ge=0)
+    class_weights: bool = Field(
+        default=False, description="weight the loss by inverse class frequency"
+    )
     augmentation: AugmentationConfig = AugmentationConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
-    num_threads: int | None = Field(None, ge=1, description="torch threads (None = auto)")
+    num_threads: int | None = Field(default=None, ge=1, description="torch threads (None = auto)")
 
 
 class CalibrationConfig(StrictModel):
@@ -162,15 +175,15 @@ class CalibrationConfig(StrictModel):
     """
 
     enabled: bool = False
-    virtual_per_class: int = Field(2000, ge=10, le=100_000)
-    epochs: int = Field(100, ge=1, le=10_000)
-    lr: float = Field(0.04, gt=0)
-    batch_size: int = Field(256, ge=1)
+    virtual_per_class: int = Field(default=2000, ge=10, le=100_000)
+    epochs: int = Field(default=100, ge=1, le=10_000)
+    lr: float = Field(default=0.04, gt=0)
+    batch_size: int = Field(default=256, ge=1)
     min_sites: int | None = Field(
-        None, ge=1, description="sites that must send statistics (None = min_train_sites)"
+        default=None, ge=1, description="sites that must send statistics (None = min_train_sites)"
     )
     feature_clip_norm: float | None = Field(
-        None, gt=0, description="L2 bound on features for sites that answer with DP-noised "
+        default=None, gt=0, description="L2 bound on features for sites that answer with DP-noised "
         "statistics (None = the 90th percentile of the final model's feature norms on the "
         "coordinator's test images)"
     )
@@ -180,12 +193,12 @@ class StrategyConfig(StrictModel):
     """The server-side aggregation strategy and round schedule."""
 
     name: Literal["fedavg", "fedprox", "fedadam"] = "fedprox"
-    rounds: int = Field(5, ge=1, le=10000)
-    proximal_mu: float = Field(0.01, ge=0)
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    rounds: int = Field(default=5, ge=1, le=10000)
+    proximal_mu: float = Field(default=0.01, ge=0)
+    fraction_train: float = Field(default=1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(default=1.0, ge=0, le=1)
     site_evaluation: Literal["with-next-round", "separate"] = Field(
-        "with-next-round",
+        default="with-next-round",
         description="with-next-round: the sites that train round r+1 first score round r's "
         "global model (the one they receive) on their validation split and send the scores "
         "with their training reply (one message and one model download per site per round "
@@ -193,14 +206,14 @@ class StrategyConfig(StrictModel):
         "messages after every round. fraction_evaluate applies to evaluate messages; 0 turns "
         "site evaluation off",
     )
-    min_train_sites: int = Field(2, ge=1)
-    min_evaluate_sites: int = Field(2, ge=0)
-    min_available_sites: int = Field(2, ge=1)
-    round_timeout_s: float = Field(3600.0, gt=0)
-    server_lr: float = Field(0.01, gt=0, description="FedAdam eta")
-    server_beta_1: float = Field(0.9, ge=0, lt=1)
-    server_beta_2: float = Field(0.99, ge=0, lt=1)
-    server_tau: float = Field(1e-3, gt=0)
+    min_train_sites: int = Field(default=2, ge=1)
+    min_evaluate_sites: int = Field(default=2, ge=0)
+    min_available_sites: int = Field(default=2, ge=1)
+    round_timeout_s: float = Field(default=3600.0, gt=0)
+    server_lr: float = Field(default=0.01, gt=0, description="FedAdam eta")
+    server_beta_1: float = Field(default=0.9, ge=0, lt=1)
+    server_beta_2: float = Field(default=0.99, ge=0, lt=1)
+    server_tau: float = Field(default=1e-3, gt=0)
     calibration: CalibrationConfig = CalibrationConfig()
 
 
@@ -209,17 +222,19 @@ class DPConfig(StrictModel):
 
     enabled: bool = False
     mode: Literal["local", "central"] = Field(
-        "local", description="local = Opacus DP-SGD at each site (sample-level); "
+        default="local", description="local = Opacus DP-SGD at each site (sample-level); "
         "central = server-side clipping + noise (client-level)"
     )
-    target_epsilon: float = Field(8.0, gt=0)
-    target_delta: float | None = Field(None, gt=0, lt=1, description="None = < 1/N per site")
-    max_grad_norm: float = Field(1.0, gt=0)
+    target_epsilon: float = Field(default=8.0, gt=0)
+    target_delta: float | None = Field(
+        default=None, gt=0, lt=1, description="None = < 1/N per site"
+    )
+    max_grad_norm: float = Field(default=1.0, gt=0)
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
     grad_sample_mode: Literal["auto", "hooks", "functorch", "ew", "ghost"] = "auto"
-    max_physical_batch_size: int = Field(128, ge=1)
-    central_noise_multiplier: float = Field(1.0, ge=0)
-    central_clipping_norm: float = Field(1.0, gt=0)
+    max_physical_batch_size: int = Field(default=128, ge=1)
+    central_noise_multiplier: float = Field(default=1.0, ge=0)
+    central_clipping_norm: float = Field(default=1.0, gt=0)
 
 
 class BaselinesConfig(StrictModel):
@@ -232,9 +247,9 @@ class BaselinesConfig(StrictModel):
 class SimulationConfig(StrictModel):
     """Flower simulation engine (Ray backend) settings."""
 
-    cpus_per_client: float = Field(1.0, gt=0)
-    ray_address: str | None = Field(None, description="attach to an existing Ray cluster")
-    threads_per_client: int = Field(1, ge=1)
+    cpus_per_client: float = Field(default=1.0, gt=0)
+    ray_address: str | None = Field(default=None, description="attach to an existing Ray cluster")
+    threads_per_client: int = Field(default=1, ge=1)
 
 
 class RunConfig(StrictModel):
@@ -248,7 +263,8 @@ class RunConfig(StrictModel):
     dp: DPConfig = DPConfig()
     task: TaskSpec | None = None
     tracking: Literal["none", "tensorboard", "mlflow"] = Field(
-        "none", description="also log per-round metrics to TensorBoard or MLflow (optional extras)"
+        default="none",
+        description="also log per-round metrics to TensorBoard or MLflow (optional extras)"
     )
 
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["ConfigKey", "MessageKey", "MetricKey", "NodeConfigKey", "QueryName", "RunConfigKey"]
+__all__ = [
+    "CalibrationKey",
+    "ConfigKey",
+    "MessageKey",
+    "MetricKey",
+    "NodeConfigKey",
+    "QueryName",
+    "RunConfigKey",
+    "SiteRecordKey",
+]
 
 
 class RunConfigKey(StrEnum):
@@ -13,6 +22,8 @@ class RunConfigKey(StrEnum):
     CONFIG_JSON = "consilia-config-json"
     RUN_DIR = "consilia-run-dir"
     SIM_SITES_DIR = "consilia-sim-sites-dir"
+    #: simulations: torch threads of each simulated site
+    SIM_THREADS = "consilia-sim-threads"
 
 
 class NodeConfigKey(StrEnum):
@@ -43,6 +54,7 @@ class ConfigKey(StrEnum):
     TASK_JSON = "task-json"
     DP_JSON = "dp-json"
     RUN_NAME = "run-name"
+    SEED = "seed"
     TOTAL_ROUNDS = "total-rounds"
     PROXIMAL_MU = "proximal-mu"
     QUERY = "consilia-query"
@@ -50,6 +62,12 @@ class ConfigKey(StrEnum):
     FEATURE_CLIP_NORM = "feature-clip-norm"
     #: train messages: evaluate the received global model before training on it
     EVALUATE_RECEIVED = "evaluate-received-model"
+
+
+class SiteRecordKey(StrEnum):
+    """Keys of the ``ConfigRecord`` ``MessageKey.SITE`` a site sends with every reply."""
+
+    NAME = "name"
 
 
 class QueryName(StrEnum):
@@ -73,3 +91,13 @@ class MetricKey(StrEnum):
     DELTA = "delta"
     TRAIN_SECONDS = "train-seconds"
     DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+    #: 1.0 when the site trained with DP-SGD this round, else 0.0
+    DP_ENABLED = "dp-enabled"
+
+
+class CalibrationKey(StrEnum):
+    """Array names of a site's classifier-calibration reply (``QueryName.FEATURE_STATS``)."""
+
+    COUNTS = "counts"
+    SUMS = "sums"
+    OUTER_SUMS = "outer-sums"

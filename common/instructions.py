@@ -40,7 +40,7 @@ class RoundInstruction:
         return ConfigRecord(
             {
                 ConfigKey.RUN_NAME.value: run.name,
-                "seed": run.seed,
+                ConfigKey.SEED.value: run.seed,
                 ConfigKey.TOTAL_ROUNDS.value: run.strategy.rounds,
                 ConfigKey.MODEL_JSON.value: run.model.model_dump_json(),
                 ConfigKey.TRAIN_JSON.value: run.train.model_dump_json(),
@@ -56,7 +56,7 @@ class RoundInstruction:
         try:
             return cls(
                 run_name=str(record[ConfigKey.RUN_NAME.value]),
-                seed=int(record["seed"]),  # type: ignore[arg-type]
+                seed=int(record[ConfigKey.SEED.value]),  # type: ignore[arg-type]
                 server_round=int(record.get(ConfigKey.SERVER_ROUND.value, 0)),  # type: ignore[arg-type]
                 total_rounds=int(record[ConfigKey.TOTAL_ROUNDS.value]),  # type: ignore[arg-type]
                 model=ModelConfig.model_validate_json(str(record[ConfigKey.MODEL_JSON.value])),

@@ -25,6 +25,7 @@ from torch import nn
 from consilia.common.registry import Registry
 
 __all__ = [
+    "DEFAULT_DP_GRAD_SAMPLE_MODE",
     "MODELS",
     "ModelSizeError",
     "ModelSpec",
@@ -36,6 +37,11 @@ __all__ = [
 
 class ModelSizeError(ValueError):
     """Raised when an architecture cannot take the requested input size."""
+
+
+#: Grad-sample mode of a model registered without a measurement, and of a name that is not
+#: registered (``hooks`` works for every Opacus-valid model).
+DEFAULT_DP_GRAD_SAMPLE_MODE = "hooks"
 
 
 @dataclass(frozen=True)
@@ -50,24 +56,37 @@ class ModelSpec:
         Smallest square input (pixels) the architecture accepts.
     description : str
         One line for ``--help`` and docs.
+    dp_grad_sample_mode : str
+        Opacus grad-sample mode that ``dp.grad_sample_mode="auto"`` picks for this model:
+        the fastest mode that worked and gave the same update as ``hooks`` (noise 0),
+        measured on CPU with 1 thread (batch 16 at 32 px; the cnn also at batch 64, 28 and
+        64 px; see docs/benchmarks.md). Where two modes were within measurement noise,
+        ``hooks`` is kept (it handles empty batches natively). The cnn was re-measured with
+        the fast DP step (interleaved A/B, width 16), the others before it existed.
 
     """
 
     builder: Callable[..., nn.Module]
     min_image_size: int
     description: str
+    dp_grad_sample_mode: str = DEFAULT_DP_GRAD_SAMPLE_MODE
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
 
 
 def register_model(
-    name: str, min_image_size: int, description: str
+    name: str,
+    min_image_size: int,
+    description: str,
+    dp_grad_sample_mode: str = DEFAULT_DP_GRAD_SAMPLE_MODE,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Register a builder under ``name`` (decorator)."""
+    """Register a builder under ``name`` (decorator), with its measured DP grad-sample mode."""
 
     def _decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        MODELS.register(name, ModelSpec(builder, min_image_size, description))
+        MODELS.register(
+            name, ModelSpec(builder, min_image_size, description, dp_grad_sample_mode)
+        )
         return builder
 
     return _decorate
@@ -188,7 +207,7 @@ def _disable_inplace(model: nn.Module) -> nn.Module:
     """Turn off ``inplace`` on every activation/dropout (in-place ops break Opacus hooks)."""
     for module in model.modules():
         if getattr(module, "inplace", False):
-            module.inplace = False
+            setattr(module, "inplace", False)  # noqa: B010 (any module type with the flag)
     return model
 
 
@@ -228,7 +247,10 @@ def _conv(in_channels: int, out_channels: int, kernel: int, stride: int) -> nn.C
 # --------------------------------------------------------------------------- entries
 
 
-@register_model("cnn", 8, "small fast CNN (3 conv blocks, GroupNorm); the default")
+@register_model(
+    "cnn", 8, "small fast CNN (3 conv blocks, GroupNorm); the default",
+    dp_grad_sample_mode="hooks",  # hooks 1.3-1.5x plain vs ew 1.6-1.8x (28-64 px, batch 32-64)
+)
 def _small_cnn(
     in_channels: int,
     num_classes: int,
@@ -258,7 +280,10 @@ def _small_cnn(
     )
 
 
-@register_model("lenet5", 12, "LeNet-5 (LeCun 1998): 2 conv + 3 fully connected layers, no norm")
+@register_model(
+    "lenet5", 12, "LeNet-5 (LeCun 1998): 2 conv + 3 fully connected layers, no norm",
+    dp_grad_sample_mode="ew",  # ew 1.6x vs ghost 1.7x vs hooks 2.8x (median)
+)
 def _lenet5(
     in_channels: int, num_classes: int, image_size: int, dropout: float = 0.0
 ) -> nn.Module:
@@ -282,7 +307,8 @@ def _lenet5(
 
 
 @register_model(
-    "alexnet", 15, "AlexNet (torchvision), small-image stem, 1024-wide classifier by default"
+    "alexnet", 15, "AlexNet (torchvision), small-image stem, 1024-wide classifier by default",
+    dp_grad_sample_mode="ghost",  # ghost 2.0x vs hooks 4.9x
 )
 def _alexnet(
     in_channels: int,
@@ -315,7 +341,10 @@ def _alexnet(
     return _disable_inplace(model)
 
 
-@register_model("vgg11", 8, "VGG-11 (torchvision, config A) with GroupNorm, 512-wide classifier")
+@register_model(
+    "vgg11", 8, "VGG-11 (torchvision, config A) with GroupNorm, 512-wide classifier",
+    dp_grad_sample_mode="hooks",  # hooks ~ ghost within noise
+)
 def _vgg11(
     in_channels: int,
     num_classes: int,
@@ -371,7 +400,10 @@ def _resnet_basic_block_class() -> type[nn.Module]:
     return _GNBasicBlock
 
 
-@register_model("resnet18", 8, "ResNet-18 (torchvision) with GroupNorm and a small-image stem")
+@register_model(
+    "resnet18", 8, "ResNet-18 (torchvision) with GroupNorm and a small-image stem",
+    dp_grad_sample_mode="hooks",  # hooks ~ ghost ~10x; functorch/ew slower
+)
 def _resnet18(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     from torchvision.models import resnet18
     from torchvision.models.resnet import BasicBlock
@@ -393,9 +425,11 @@ def _googlenet_conv_block_class() -> type[nn.Module]:
     class _GNConvBlock(nn.Module):
         """GoogLeNet's conv-norm-ReLU unit with GroupNorm and a non in-place ReLU."""
 
-        def __init__(self, in_channels: int, out_channels: int, **kwargs: int) -> None:
+        def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
+                     stride: int = 1, padding: int = 0) -> None:
             super().__init__()
-            self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **kwargs)
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                                  padding=padding, bias=False)
             self.bn = _group_norm(out_channels)
             self.relu = nn.ReLU()
 
@@ -405,7 +439,10 @@ def _googlenet_conv_block_class() -> type[nn.Module]:
     return _GNConvBlock
 
 
-@register_model("inception", 8, "GoogLeNet / Inception v1 (torchvision), GroupNorm, no aux heads")
+@register_model(
+    "inception", 8, "GoogLeNet / Inception v1 (torchvision), GroupNorm, no aux heads",
+    dp_grad_sample_mode="hooks",  # hooks 2.7x vs ghost 4.1x
+)
 def _inception(
     in_channels: int, num_classes: int, image_size: int, dropout: float = 0.2
 ) -> nn.Module:
@@ -454,7 +491,8 @@ def _mbconv_class() -> type[nn.Module]:
 
 
 @register_model(
-    "efficientnet_b0", 8, "EfficientNet-B0 (torchvision) with GroupNorm and a small-image stem"
+    "efficientnet_b0", 8, "EfficientNet-B0 (torchvision) with GroupNorm and a small-image stem",
+    dp_grad_sample_mode="hooks",  # hooks 2.3x vs functorch 4.0x with the fast grouped convs
 )
 def _efficientnet_b0(
     in_channels: int,
@@ -480,7 +518,8 @@ def _efficientnet_b0(
 
 
 @register_model(
-    "densenet121", 8, "DenseNet-121 (MONAI) with GroupNorm, non in-place ReLU, small-image stem"
+    "densenet121", 8, "DenseNet-121 (MONAI) with GroupNorm, non in-place ReLU, small-image stem",
+    dp_grad_sample_mode="hooks",  # hooks 2.6x vs ghost 4.1x; ew fails (non-contiguous view)
 )
 def _densenet121(
     in_channels: int, num_classes: int, image_size: int, dropout: float = 0.0
@@ -530,7 +569,10 @@ def _vit_patch_size(image_size: int, grid: int = 8) -> int:
     return max(1, image_size // grid)  # the conv patch embedding drops the remainder
 
 
-@register_model("vit", 8, "Vision Transformer (MONAI ViT), 4 layers, 128-dim, mean-pooled tokens")
+@register_model(
+    "vit", 8, "Vision Transformer (MONAI ViT), 4 layers, 128-dim, mean-pooled tokens",
+    dp_grad_sample_mode="hooks",  # hooks 1.9x vs functorch/ghost 2.4x; ew fails (unsupported add)
+)
 def _vit(
     in_channels: int,
     num_classes: int,

@@ -7,7 +7,7 @@ duplicates, ``get`` raising a clear error that lists the known names.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -34,8 +34,17 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
 
+    @overload
+    def register(self, name: str) -> Callable[[T], T]: ...
+
+    @overload
+    def register(self, name: str, obj: T) -> T: ...
+
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
         """Register ``obj`` under ``name``; usable directly or as a decorator.
+
+        Returns the object (``register(name, obj)``) or a decorator that registers and returns
+        what it decorates (``@register(name)``).
 
         Raises
         ------

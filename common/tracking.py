@@ -18,17 +18,21 @@ import importlib.util
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from consilia.common.registry import Registry
 from consilia.common.rundir.round_records import LATE_KEY
 
 __all__ = [
     "TRACKERS",
+    "TRACKER_KINDS",
     "MLflowTracker",
     "TensorBoardTracker",
     "Tracker",
+    "TrackerKind",
     "TrackingUnavailableError",
     "create_tracker",
     "open_tracker",
@@ -36,9 +40,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("consilia")
-
-#: Accepted values of ``RunConfig.tracking`` and the package each one needs.
-TRACKERS: dict[str, str | None] = {"none": None, "tensorboard": "tensorboard", "mlflow": "mlflow"}
 
 #: MLflow limits a parameter value to 6000 characters (older servers: 500).
 _MLFLOW_PARAM_MAX = 500
@@ -163,6 +164,51 @@ def _mlflow_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 
+#: ``factory(run_dir, run_name, config)`` of a tracker backend.
+TrackerFactory = Callable[[Path, str, Mapping[str, Any] | None], Tracker]
+
+
+@dataclass(frozen=True)
+class TrackerKind:
+    """One accepted value of ``RunConfig.tracking``.
+
+    Parameters
+    ----------
+    package : str, optional
+        The package the backend needs (``None``: tracking off).
+    factory : callable, optional
+        ``factory(run_dir, run_name, config)`` returning the tracker (``None``: tracking off).
+
+    """
+
+    package: str | None
+    factory: TrackerFactory | None
+
+
+def _tensorboard(run_dir: Path, run_name: str, config: Mapping[str, Any] | None) -> Tracker:
+    del run_name  # TensorBoard has no run name: the log folder is the run
+    return TensorBoardTracker(run_dir, config)
+
+
+def _mlflow(run_dir: Path, run_name: str, config: Mapping[str, Any] | None) -> Tracker:
+    return MLflowTracker(run_dir, run_name, config)
+
+
+_BUILT_IN: tuple[tuple[str, TrackerKind], ...] = (
+    ("none", TrackerKind(None, None)),
+    ("tensorboard", TrackerKind("tensorboard", _tensorboard)),
+    ("mlflow", TrackerKind("mlflow", _mlflow)),
+)
+
+#: The tracker backends, by their ``RunConfig.tracking`` name.
+TRACKER_KINDS: Registry[TrackerKind] = Registry("tracker")
+for _name, _kind in _BUILT_IN:
+    TRACKER_KINDS.register(_name, _kind)
+
+#: Accepted values of ``RunConfig.tracking`` (in this order) and the package each one needs.
+TRACKERS: dict[str, str | None] = {name: kind.package for name, kind in _BUILT_IN}
+
+
 def create_tracker(
     kind: str,
     run_dir: Path,
@@ -195,19 +241,17 @@ def create_tracker(
         When the package ``kind`` needs is not installed (the message says what to install).
 
     """
-    if kind not in TRACKERS:
+    if kind not in TRACKER_KINDS:
         raise ValueError(f"tracking={kind!r} unknown; allowed: {', '.join(TRACKERS)}")
-    package = TRACKERS[kind]
-    if package is None:
+    package, factory = TRACKER_KINDS.get(kind).package, TRACKER_KINDS.get(kind).factory
+    if package is None or factory is None:
         return None
     if importlib.util.find_spec(package) is None:
         raise TrackingUnavailableError(
             f"tracking={kind!r} needs the '{package}' package: pip install {package} "
             "(or set tracking: none)"
         )
-    if kind == "tensorboard":
-        return TensorBoardTracker(run_dir, config)
-    return MLflowTracker(run_dir, run_name, config)
+    return factory(run_dir, run_name, config)
 
 
 class _Guarded:

@@ -3,39 +3,57 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from consilia.client.trainer import ImageData
 from consilia.common.config import RunConfig
 from consilia.common.constants import RunConfigKey
-from consilia.common.training.engine import seed_everything
+from consilia.common.data.images import ImageData
+from consilia.common.flower.fast_grid import FastPollGrid
 from consilia.common.instructions import RoundInstruction
+from consilia.common.rundir.layout import RunDir
 from consilia.common.serde import arrays_from_model
-from consilia.server.fast_grid import FastPollGrid
+from consilia.common.training.engine import seed_everything
+from consilia.server.ccvr_round import calibrate_classifier, central_dp_outcome
 from consilia.server.recorder import RunRecorder
 from consilia.server.strategy import build_strategy
 
-__all__ = ["app", "load_run", "run_federation"]
+__all__ = ["app", "evaluate_and_close_round", "load_run", "run_federation"]
 
 app = ServerApp()
 
 
-def _load_test_set(run_dir: Path) -> ImageData | None:
-    path = run_dir / "test_set.npz"
-    if not path.is_file():
-        return None
-    with np.load(path) as z:
-        return ImageData(z["images"], z["labels"].astype(np.int64))
+def _load_test_set(run_dir: RunDir) -> ImageData | None:
+    """Return the run's common test split, or None when the run has none."""
+    return run_dir.read_test_set() if run_dir.test_set_path.is_file() else None
+
+
+def evaluate_and_close_round(
+    recorder: RunRecorder,
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+    """Return the ``evaluate_fn`` of ``Strategy.start``: the last step of each round.
+
+    Flower calls ``evaluate_fn`` once with the initial model (round 0) and once after each
+    round's training and site evaluation; the recorder evaluates and checkpoints the
+    round's global model, then the round is closed (its record written).
+    """
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        metrics = recorder.on_global_evaluation(server_round, arrays)
+        recorder.close_round(server_round)
+        return metrics
+
+    return end_of_round
 
 
 def run_federation(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
     """Run all rounds of ``run`` on ``grid`` and write ``run_dir``; return final metrics."""
     seed_everything(run.seed)
-    recorder = RunRecorder(run_dir, run, _load_test_set(run_dir))
+    layout = RunDir(run_dir)
+    recorder = RunRecorder(run_dir, run, _load_test_set(layout))
     strategy = build_strategy(run.strategy, run.dp, recorder)
     result = strategy.start(
         grid=grid,
@@ -44,21 +62,20 @@ def run_federation(grid: Grid, run: RunConfig, run_dir: Path) -> dict:
         timeout=run.strategy.round_timeout_s,
         train_config=RoundInstruction.base_config(run),
         evaluate_config=RoundInstruction.base_config(run),
-        evaluate_fn=recorder.evaluate,
+        evaluate_fn=evaluate_and_close_round(recorder),
     )
     arrays = result.arrays
     if run.strategy.calibration.enabled:
-        from consilia.server.ccvr_round import calibrate_classifier, central_dp_outcome
-
         if arrays is None or len(arrays) == 0:
             arrays = arrays_from_model(recorder.model)
         if run.dp.enabled and run.dp.mode == "central":
             outcome = central_dp_outcome()
         else:
-            arrays, outcome = calibrate_classifier(grid, run, arrays, recorder)
+            arrays, outcome = calibrate_classifier(grid, run, arrays, recorder.model,
+                                                   recorder.test_data, recorder.site_names)
         recorder.note_calibration(outcome.to_dict())
     final = recorder.finish(arrays)
-    (run_dir / "federated_metrics.json").write_text(json.dumps(final, indent=2))
+    layout.federated_metrics_path.write_text(json.dumps(final, indent=2))
     return final
 
 
@@ -81,4 +98,4 @@ def main(grid: Grid, context: Context) -> None:
     """Parse the run configuration from ``context.run_config`` and run the federation."""
     run, run_dir = load_run(context)
     # Flower's deployment Grid polls replies every 3 s; collect them as soon as they arrive.
-    run_federation(FastPollGrid(grid), run, run_dir)  # type: ignore[arg-type]
+    run_federation(FastPollGrid(grid), run, run_dir)

@@ -2,7 +2,7 @@
 
 One extra ``query`` message per site (the same Message API round trip as train/evaluate):
 the site runs the final global model over its training images once and returns per-class
-feature sums (:meth:`consilia.client.trainer.SiteTrainer.feature_stats`). The coordinator
+feature sums (the site trainer's ``SiteTrainer.feature_stats``). The coordinator
 merges them and re-fits only the classifier head on virtual features
 (:mod:`consilia.common.ccvr`). Sites training with local DP answer with clipped,
 Gaussian-noised statistics (the clip bound travels with the query: the run's
@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from torch import nn
 
 from consilia.common.ccvr import (
     NOISY_COUNT_SDS,
@@ -34,9 +35,11 @@ from consilia.common.ccvr import (
 )
 from consilia.common.config import RunConfig
 from consilia.common.constants import ConfigKey, MessageKey, MetricKey, QueryName
+from consilia.common.data.images import ImageData
 from consilia.common.instructions import RoundInstruction
 from consilia.common.serde import arrays_from_model, load_arrays_into_model
-from consilia.server.recorder import RunRecorder
+from consilia.common.training.inference import eval_loader
+from consilia.server.site_names import SiteNames
 
 __all__ = ["CalibrationOutcome", "calibrate_classifier", "central_dp_outcome",
            "feature_clip_norm"]
@@ -82,28 +85,34 @@ def central_dp_outcome() -> CalibrationOutcome:
     return CalibrationOutcome(applied=False, reason=reason)
 
 
-def feature_clip_norm(run: RunConfig, recorder: RunRecorder, arrays: ArrayRecord) -> float | None:
+def feature_clip_norm(run: RunConfig, baseline: nn.Module, test_data: ImageData | None,
+                      arrays: ArrayRecord) -> float | None:
     """Return the L2 bound DP sites clip features to (configured, or from the test set).
 
     Without a configured bound, the 90th percentile of the final model's head-input norms
     on (up to 2,000, evenly spread) of the coordinator's own test images; None when it has
-    none.
+    none. ``baseline`` is a model of the run's architecture (copied, ``arrays`` loaded).
     """
     configured = run.strategy.calibration.feature_clip_norm
     if configured is not None:
         return float(configured)
-    data = recorder.test_data
+    data = test_data
     if data is None or not len(data) or run.task is None:
         return None
-    from consilia.client.trainer import ImageData, eval_loader
-
-    model = copy.deepcopy(recorder.model)
+    model = copy.deepcopy(baseline)
     load_arrays_into_model(model, arrays)
     pick = np.unique(np.linspace(0, len(data) - 1, min(len(data), 2000)).astype(int))
     subset = ImageData(data.images[pick], data.labels[pick])  # spread over the whole set
     norms = feature_norms(model, eval_loader(subset, run.train, run.task, 256),
                           run.task.num_classes)
     return float(np.quantile(norms, 0.9))
+
+
+def _number(value: object) -> float:
+    """Return a scalar metric as a float (a list makes the statistics unusable)."""
+    if not isinstance(value, int | float):
+        raise CalibrationError(f"expected a number, got {value!r}")
+    return float(value)
 
 
 def _query_messages(grid: Grid, run: RunConfig, arrays: ArrayRecord,
@@ -123,7 +132,12 @@ def _query_messages(grid: Grid, run: RunConfig, arrays: ArrayRecord,
 
 
 def calibrate_classifier(
-    grid: Grid, run: RunConfig, arrays: ArrayRecord, recorder: RunRecorder
+    grid: Grid,
+    run: RunConfig,
+    arrays: ArrayRecord,
+    baseline: nn.Module,
+    test_data: ImageData | None,
+    site_names: SiteNames,
 ) -> tuple[ArrayRecord, CalibrationOutcome]:
     """Re-fit the global model's classifier head on the sites' pooled feature statistics.
 
@@ -135,8 +149,12 @@ def calibrate_classifier(
         The run; ``run.strategy.calibration`` holds the settings.
     arrays : ArrayRecord
         The final global model.
-    recorder : RunRecorder
-        A copy of its model is the scratch model of the fit.
+    baseline : nn.Module
+        A model of the run's architecture; a copy of it is the scratch model of the fit.
+    test_data : ImageData, optional
+        The coordinator's test images (for the feature clip norm of DP sites).
+    site_names : SiteNames
+        Names the replying sites.
 
     Returns
     -------
@@ -150,24 +168,24 @@ def calibrate_classifier(
     start = time.perf_counter()
     outcome = CalibrationOutcome(applied=False)
     try:
-        outcome.feature_clip_norm = feature_clip_norm(run, recorder, arrays)
+        outcome.feature_clip_norm = feature_clip_norm(run, baseline, test_data, arrays)
     except CalibrationError as exc:  # a model without a calibratable head: reported below
         logger.warning("calibration: no feature clip norm for DP sites: %s", exc)
     messages = _query_messages(grid, run, arrays, outcome.feature_clip_norm)
     replies = sorted(grid.send_and_receive(messages, timeout=run.strategy.round_timeout_s),
-                     key=recorder.name_of)
+                     key=site_names.name_of)
     parts: list[FeatureStats] = []
     outcome.statistics_seconds = round(time.perf_counter() - start, 2)
     for msg in replies:
-        name = recorder.name_of(msg)
+        name = site_names.name_of(msg)
         if msg.has_error():
             outcome.declined[name] = msg.error.reason or f"error code {msg.error.code}"
             continue
         try:
-            state = msg.content[MessageKey.ARRAYS.value].to_torch_state_dict()
+            state = msg.content.array_records[MessageKey.ARRAYS.value].to_torch_state_dict()
             parts.append(FeatureStats.from_arrays({k: v.numpy() for k, v in state.items()}))
             outcome.sites.append(name)
-            sigma = float(msg.content[MessageKey.METRICS.value].get(
+            sigma = _number(msg.content.metric_records[MessageKey.METRICS.value].get(
                 MetricKey.DP_NOISE_MULTIPLIER.value, 0.0))
             if sigma > 0:
                 outcome.noised_sites[name] = sigma
@@ -186,7 +204,7 @@ def calibrate_classifier(
     # a class counts only where its pooled count clearly exceeds the count noise
     count_noise_sd = math.sqrt(sum(3.0 * s**2 for s in outcome.noised_sites.values()))
     fit_start = time.perf_counter()
-    model = copy.deepcopy(recorder.model)  # scratch copy: the recorder's model is its baseline
+    model = copy.deepcopy(baseline)  # scratch copy: the recorder's model is its baseline
     load_arrays_into_model(model, arrays)
     try:
         fit = fit_head_on_virtual_features(

@@ -9,8 +9,8 @@ site's clipped update. :class:`AccountedServerSideClipping` keeps Flower's
 - the client-level ε after each round (Opacus RDP accountant, one Gaussian release per round,
   no subsampling amplification), written to ``metrics/rounds.jsonl`` as
   ``"central_dp": {"client-level-epsilon": ..., "delta": ..., "effective-noise-multiplier":
-  ..., ...}`` through the recorder, so the progress line and ``fl-report`` can label it
-  (``null`` epsilon = no noise, no guarantee);
+  ..., ...}`` through the recorder's round hooks, so the progress line and ``fl-report``
+  can label it (``null`` epsilon = no noise, no guarantee);
 - honest noise for *weighted* FedAvg: Flower's noise ``σ·C/m`` (``m`` = sampled sites)
   assumes uniform averaging, but FedAvg weights sites by ``num-examples``, so the largest
   site moves the aggregate by up to ``w_max·C`` (``w_max`` its weight fraction). The
@@ -26,11 +26,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 from opacus.accountants import RDPAccountant
+
+from consilia.common.constants import MetricKey
+from consilia.server.round_hooks import NoRecording, RoundHooks
 
 __all__ = ["CENTRAL_DP_KEY", "AccountedServerSideClipping", "client_level_epsilon"]
 
@@ -74,9 +76,11 @@ class AccountedServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
     Parameters
     ----------
     strategy : Strategy
-        The wrapped (recording) strategy; its ``recorder`` receives the per-round record.
+        The wrapped (recording) strategy.
     noise_multiplier, clipping_norm, num_sampled_clients
         As Flower's ``DifferentialPrivacyServerSideFixedClipping``.
+    hooks : RoundHooks, optional
+        Receive the failed train replies and each round's accounting (default: none).
     delta : float, optional
         Delta of the reported epsilon (default 1e-5).
     weight_key : str
@@ -90,10 +94,12 @@ class AccountedServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
         noise_multiplier: float,
         clipping_norm: float,
         num_sampled_clients: int,
+        hooks: RoundHooks | None = None,
         delta: float | None = None,
-        weight_key: str = "num-examples",
+        weight_key: str = MetricKey.NUM_EXAMPLES.value,
     ) -> None:
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+        self.hooks: RoundHooks = hooks if hooks is not None else NoRecording()
         self.delta = float(delta) if delta is not None else _DEFAULT_DELTA
         self.weight_key = weight_key
         self.effective_multipliers: list[float] = []
@@ -105,8 +111,11 @@ class AccountedServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
     def _weight_fraction(self, replies: list[Message]) -> float:
         weights = []
         for reply in replies:
-            metrics = next(iter(reply.content.metric_records.values()), {})
-            weights.append(max(float(metrics.get(self.weight_key, 1.0)), 0.0))
+            metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
+            weight = metrics.get(self.weight_key, 1.0)
+            if isinstance(weight, list):
+                raise TypeError(f"'{self.weight_key}' must be a number, not a list")
+            weights.append(max(float(weight), 0.0))
         total = sum(weights)
         return max(weights) / total if total > 0 else 1.0
 
@@ -117,9 +126,8 @@ class AccountedServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
         replies = list(replies)
         ok = [r for r in replies if not r.has_error()]
         failed = [r for r in replies if r.has_error()]
-        recorder: Any = getattr(self.strategy, "recorder", None)
-        if failed and recorder is not None:
-            recorder.record_replies(server_round, failed, "train")
+        if failed:
+            self.hooks.on_failed_replies(server_round, failed, "train")
         arrays, metrics = super().aggregate_train(server_round, ok)
         if arrays is not None and ok:
             w_max = self._weight_fraction(ok)
@@ -135,8 +143,7 @@ class AccountedServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
                 "sites-aggregated": len(ok),
                 "releases": len(self.effective_multipliers),
             })
-            if recorder is not None:
-                recorder.aggregated(CENTRAL_DP_KEY, record)
+            self.hooks.on_central_dp_release(server_round, record)
             logger.info("round %d: central DP (client-level) ε=%.2f at δ=%g, effective noise "
                         "multiplier %.3f over %d site(s)", server_round, eps, self.delta,
                         sigma_eff, len(ok))

@@ -12,13 +12,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from consilia.common.constants import MetricKey
+from consilia.common.evaluation.formatting import format_number as _fmt
 from consilia.common.rundir.round_records import LATE_KEY, is_late_record
 
 __all__ = ["format_final", "format_round", "readable_reason"]
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, int | float) else "n/a"
 
 
 _FLOWER_REASON = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
@@ -47,8 +45,8 @@ def format_round(
     parts = [f"[round {rnd}/{total_rounds}] "
              + ("initial model" if rnd == 0 else f"{len(sites)} site(s) answered")]
     train = record.get("train") or {}
-    if "train-loss" in train:
-        parts.append(f"train loss {_fmt(train['train-loss'])}")
+    if MetricKey.TRAIN_LOSS.value in train:
+        parts.append(f"train loss {_fmt(train[MetricKey.TRAIN_LOSS.value])}")
     fed = record.get("federated_eval") or {}
     if "accuracy" in fed:
         parts.append(f"site-val acc {_fmt(fed['accuracy'])}")

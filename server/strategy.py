@@ -1,143 +1,202 @@
-"""Thin recording subclasses of Flower's strategies (no copy of ``Strategy.start``).
+"""The strategy registry: thin recording subclasses of Flower's strategies.
 
-They observe replies (per-site metrics, refusals) and then defer to Flower's own
-aggregation; with ``site_evaluation: with-next-round`` they also let the sites evaluate each
-global model with the next round's training instead of in an evaluate message of its own.
-Central DP wraps them with Flower's server-side clipping wrapper.
+Each registered strategy is a Flower strategy (``FedAvg``, ``FedProx``, ``FedAdam``) with
+:class:`RecordingStrategy` in front of it: it tells the recorder's round hooks
+(:class:`~consilia.server.round_hooks.RoundHooks`, passed through ``__init__``) what the
+sites replied and then defers to Flower's own aggregation (no copy of ``Strategy.start``).
+With ``site_evaluation: with-next-round`` it also lets the sites evaluate each global model
+with the next round's training instead of in an evaluate message of its own.
+:func:`build_strategy` builds the configured one from :data:`STRATEGIES`; central DP wraps
+it with Flower's server-side clipping wrapper (:mod:`consilia.server.central_dp`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, Self
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    FedAdam,
-    FedAvg,
-    FedProx,
-    Strategy,
-)
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from consilia.common.config import DPConfig, StrategyConfig
 from consilia.common.constants import ConfigKey
+from consilia.common.registry import Registry
 from consilia.server.central_dp import AccountedServerSideClipping
-from consilia.server.recorder import RunRecorder, site_name
+from consilia.server.round_hooks import NoRecording, RoundHooks
+from consilia.server.site_names import site_name
 
-__all__ = ["build_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "RecordingFedAdam",
+    "RecordingFedAvg",
+    "RecordingFedProx",
+    "RecordingStrategy",
+    "build_strategy",
+]
 
 
-class _RecordingMixin:
-    """Hand every reply to the recorder before Flower aggregates it.
+class RecordingStrategy(FedAvg):
+    """Hand every reply to the round hooks, then let Flower aggregate it.
+
+    Put it in front of a Flower strategy of the FedAvg family
+    (``class RecordingFedProx(RecordingStrategy, FedProx)``): its methods run first and
+    ``super()`` reaches that strategy's own.
 
     With ``site_evaluation: with-next-round`` it also moves the sites' evaluation of each
     global model into the next round's train messages: ``configure_train`` asks the sites
     to evaluate the model they receive (rounds 2..R), ``aggregate_train`` hands those
-    evaluations to the recorder as the previous round's federated evaluation, and
+    evaluations to the hooks as the previous round's federated evaluation, and
     ``configure_evaluate`` sends evaluate messages only after the last round.
+
+    Parameters
+    ----------
+    hooks : RoundHooks
+        Told what happened at each point of a round (the run recorder).
+    site_evaluation : str
+        ``"with-next-round"`` or ``"separate"`` (see above).
+    total_rounds : int
+        Rounds of the run (the last one's model gets evaluate messages of its own).
+    **flower_options
+        The Flower strategy's own arguments.
     """
 
-    recorder: RunRecorder
-    site_evaluation: str = "separate"
-    total_rounds: int = 0
+    def __init__(self, hooks: RoundHooks, *, site_evaluation: str, total_rounds: int,
+                 **flower_options: Any) -> None:
+        super().__init__(**flower_options)
+        self.hooks = hooks
+        self.site_evaluation = site_evaluation
+        self.total_rounds = total_rounds
+
+    @classmethod
+    def flower_options(cls, cfg: StrategyConfig) -> dict[str, Any]:
+        """Return the Flower strategy's arguments from ``cfg`` (sampling, minimum sites)."""
+        return dict(
+            fraction_train=cfg.fraction_train,
+            fraction_evaluate=cfg.fraction_evaluate,
+            min_train_nodes=cfg.min_train_sites,
+            min_evaluate_nodes=cfg.min_evaluate_sites,
+            min_available_nodes=cfg.min_available_sites,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: StrategyConfig, hooks: RoundHooks) -> Self:
+        """Build the strategy ``cfg`` describes, telling ``hooks`` what happens."""
+        return cls(hooks, site_evaluation=cfg.site_evaluation, total_rounds=cfg.rounds,
+                   **cls.flower_options(cfg))
 
     @property
     def _evaluate_with_next_round(self) -> bool:
-        return (self.site_evaluation == "with-next-round"
-                and float(getattr(self, "fraction_evaluate", 1.0)) > 0.0)
+        return self.site_evaluation == "with-next-round" and float(self.fraction_evaluate) > 0.0
+
+    def _aggregate_evaluation(self, contents: list[RecordDict]) -> MetricRecord | None:
+        return self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Flower's train messages; from round 2 they ask to evaluate the received model."""
         if self._evaluate_with_next_round and server_round > 1:
             config = ConfigRecord({**config, ConfigKey.EVALUATE_RECEIVED.value: True})
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        return super().configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Flower's evaluate messages (none before the last round when evaluating with training)."""
         if self._evaluate_with_next_round and server_round < self.total_rounds:
             return []  # the sites evaluate this model with the next round's training
-        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record the replies and aggregate them (the global model is kept if too few answered)."""
         # a fixed order (by site) makes the float sums of aggregation reproducible
         replies = sorted(replies, key=site_name)
         if self._evaluate_with_next_round and server_round > 1:
-            self.recorder.record_late_evaluation(
-                server_round - 1, server_round, replies,
-                lambda contents: self.evaluate_metrics_aggr_fn(  # type: ignore[attr-defined]
-                    contents, self.weighted_by_key),  # type: ignore[attr-defined]
-            )
-        self.recorder.record_replies(server_round, replies, "train")
+            self.hooks.on_late_site_evaluation(server_round - 1, server_round, replies,
+                                               self._aggregate_evaluation)
         answered = sum(1 for msg in replies if not msg.has_error())
-        required = int(getattr(self, "min_train_nodes", 1))
+        required = int(self.min_train_nodes)
         if answered < required:
             # Fewer sites than the minimum answered within the round timeout (dropped out,
             # refused or failed): keep the global model; the next round tries again.
-            self.recorder.incomplete_round(server_round, "train", answered, required)
+            self.hooks.on_train_incomplete(server_round, replies, answered, required)
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
-        self.recorder.aggregated("train", metrics)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        self.hooks.on_train_aggregated(server_round, replies, metrics)
         return arrays, metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """Record the evaluate replies and aggregate them."""
         # a fixed order (by site) makes the float sums of aggregation reproducible
         replies = sorted(replies, key=site_name)
         if not replies and self._evaluate_with_next_round and server_round < self.total_rounds:
             return None  # nothing was sent: this round's model is evaluated with the next
-        self.recorder.record_replies(server_round, replies, "evaluate")
-        metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
-        self.recorder.aggregated("federated_eval", metrics)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        self.hooks.on_site_evaluation(server_round, replies, metrics)
         return metrics
 
 
-class RecordingFedAvg(_RecordingMixin, FedAvg):
+class RecordingFedAvg(RecordingStrategy):
     """FedAvg that records per-site metrics."""
 
 
-class RecordingFedProx(_RecordingMixin, FedProx):
+class RecordingFedProx(RecordingStrategy, FedProx):
     """FedProx (sends ``proximal-mu``; sites add (mu/2)·||w − w_global||²) with recording."""
 
+    @classmethod
+    def flower_options(cls, cfg: StrategyConfig) -> dict[str, Any]:
+        """Return FedAvg's arguments plus ``proximal_mu``."""
+        return {**super().flower_options(cfg), "proximal_mu": cfg.proximal_mu}
 
-class RecordingFedAdam(_RecordingMixin, FedAdam):
+
+class RecordingFedAdam(RecordingStrategy, FedAdam):
     """FedAdam (server-side Adam on the aggregated update) with recording."""
 
+    @classmethod
+    def flower_options(cls, cfg: StrategyConfig) -> dict[str, Any]:
+        """Return FedAvg's arguments plus the server optimizer's (``eta``, betas, ``tau``)."""
+        return {**super().flower_options(cfg), "eta": cfg.server_lr,
+                "beta_1": cfg.server_beta_1, "beta_2": cfg.server_beta_2,
+                "tau": cfg.server_tau}
 
-def build_strategy(cfg: StrategyConfig, dp: DPConfig, recorder: RunRecorder) -> Strategy:
-    """Build the configured strategy (optionally wrapped for central DP)."""
-    common = dict(
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=cfg.min_train_sites,
-        min_evaluate_nodes=cfg.min_evaluate_sites,
-        min_available_nodes=cfg.min_available_sites,
-    )
-    strategy: Strategy
-    if cfg.name == "fedavg":
-        strategy = RecordingFedAvg(**common)
-    elif cfg.name == "fedprox":
-        strategy = RecordingFedProx(**common, proximal_mu=cfg.proximal_mu)
-    elif cfg.name == "fedadam":
-        strategy = RecordingFedAdam(
-            **common, eta=cfg.server_lr, beta_1=cfg.server_beta_1, beta_2=cfg.server_beta_2,
-            tau=cfg.server_tau,
-        )
-    else:  # pragma: no cover - pydantic restricts the names
-        raise ValueError(f"unknown strategy {cfg.name}")
-    strategy.recorder = recorder  # type: ignore[attr-defined]
-    strategy.site_evaluation = cfg.site_evaluation  # type: ignore[attr-defined]
-    strategy.total_rounds = cfg.rounds  # type: ignore[attr-defined]
+
+#: The strategies a run may name in ``strategy.name``.
+STRATEGIES: Registry[type[RecordingStrategy]] = Registry("strategy")
+STRATEGIES.register("fedavg", RecordingFedAvg)
+STRATEGIES.register("fedprox", RecordingFedProx)
+STRATEGIES.register("fedadam", RecordingFedAdam)
+
+
+def build_strategy(cfg: StrategyConfig, dp: DPConfig, hooks: RoundHooks | None) -> Strategy:
+    """Build the configured strategy (optionally wrapped for central DP).
+
+    Parameters
+    ----------
+    cfg : StrategyConfig
+        ``cfg.name`` picks the strategy from :data:`STRATEGIES`.
+    dp : DPConfig
+        ``mode: central`` wraps it with client-level DP.
+    hooks : RoundHooks or None
+        Told what happens in each round (the run recorder); ``None`` records nothing.
+
+    Returns
+    -------
+    Strategy
+    """
+    hooks = hooks if hooks is not None else NoRecording()
+    strategy: Strategy = STRATEGIES.get(cfg.name).from_config(cfg, hooks)
     if dp.enabled and dp.mode == "central":
         strategy = AccountedServerSideClipping(  # client-level DP, accounted per round
             strategy,
             noise_multiplier=dp.central_noise_multiplier,
             clipping_norm=dp.central_clipping_norm,
             num_sampled_clients=cfg.min_train_sites,
+            hooks=hooks,
             delta=dp.target_delta,
         )
     return strategy

@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from consilia.client.trainer import ImageData, build_task_model, evaluate_on, train_model
+from consilia.client.trainer import build_task_model, train_model
 from consilia.common.config import RunConfig
-from consilia.common.training.engine import EvalResult
+from consilia.common.data.images import ImageData
 from consilia.common.evaluation.metrics import compute_metrics
+from consilia.common.rundir.layout import RunDir
 from consilia.common.serde import save_checkpoint
+from consilia.common.training.inference import EvalResult, evaluate_on
 
 __all__ = ["BaselineResult", "run_centralized", "run_local_only"]
 
@@ -51,9 +53,10 @@ def _fit_and_score(
     train_model(model, data, run.train, run.task, epochs, seed, on_epoch_end=progress)
     res = evaluate_on(model, test, run.train, run.task)
     metrics = compute_metrics(res.y_true, res.y_prob, run.task.class_names).to_dict()
-    save_checkpoint(run_dir / "models" / f"{name}.pt", model, run, 0, {"baseline": name})
-    (run_dir / "predictions").mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(run_dir / "predictions" / f"{name}.npz", y_true=res.y_true,
+    layout = RunDir(run_dir)
+    save_checkpoint(layout.model_path(name), model, run, 0, {"baseline": name})
+    layout.predictions_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(layout.prediction_path(name), y_true=res.y_true,
                         y_prob=res.y_prob)
     return BaselineResult(name, metrics, res, time.perf_counter() - start)
 

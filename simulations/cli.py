@@ -19,6 +19,7 @@ from pathlib import Path
 
 from consilia.common.config import ConfigError, load_experiment_config
 from consilia.common.logs import setup_logging
+from consilia.common.rundir.layout import RunDir
 
 __all__ = ["main"]
 
@@ -125,7 +126,7 @@ def _cmd_export_sites(args: argparse.Namespace) -> int:
     from consilia.simulations.export_sites import export_partition_to_dicom
 
     logger = setup_logging(False)
-    if not (args.run_dir / "sites").is_dir():
+    if not RunDir(args.run_dir).sites_dir.is_dir():
         raise ConfigError(f"{args.run_dir}: no sites/ folder; pass the directory of an fl-sim run")
     out = export_partition_to_dicom(args.run_dir, args.out)
     logger.info("wrote per-site DICOM folders to %s", out)

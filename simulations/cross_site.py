@@ -2,16 +2,17 @@
 
 After the federation and the baselines, every model of the run (the global model, the
 centralized baseline and each site's local-only model) is evaluated on every site's own
-held-out validation split (``sites/site-XX.npz``, the data that site never trained on):
+held-out validation split (``sites/site-XX.npz``, the data that site never trained on; read through
+:class:`consilia.common.rundir.layout.RunDir`):
 
 * ``cross_site.csv``: one row per (model, site) pair with ``n``, ``auc`` and ``accuracy``
-  (:func:`consilia.common.evaluation.clinical.cross_site_matrix`);
+  (:func:`consilia.common.evaluation.cross_site.cross_site_matrix`);
 * ``plots/cross_site_heatmap.png``: the model x site AUC matrix;
 * ``final_metrics.json["cross_site"]``: the AUC and accuracy matrices plus the generalisation
-  gap per site (:func:`~consilia.common.evaluation.clinical.generalisation_gap`);
+  gap per site (:func:`~consilia.common.evaluation.cross_site.generalisation_gap`);
 * ``final_metrics.json["fairness"]``: worst site, best site, gap, mean and std across sites of
   the global model (and of each local model on its own site), from
-  :func:`~consilia.common.evaluation.clinical.site_spread`.
+  :func:`~consilia.common.evaluation.fairness.site_spread`.
 """
 
 from __future__ import annotations
@@ -23,89 +24,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from torch import nn
 
-from consilia.common.evaluation.clinical import (
+from consilia.common.evaluation.cross_site import (
     cross_site_matrix,
-    eval_transform_for,
     generalisation_gap,
     plot_heatmap,
-    site_spread,
     to_matrix,
 )
-from consilia.common.serde import load_checkpoint
+from consilia.common.evaluation.fairness import site_spread
+from consilia.common.rundir.layout import GLOBAL_MODEL, RunDir
+from consilia.common.training.inference import eval_transform_for
 
-__all__ = ["GLOBAL_MODEL", "cross_site_validation", "load_run_models", "load_site_val"]
+__all__ = ["cross_site_validation"]
 
 logger = logging.getLogger("consilia")
-
-#: Row name of the federated (global) model in the matrix.
-GLOBAL_MODEL = "global"
-
-
-def load_site_val(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each site's held-out validation split, from ``run_dir/sites/site-XX.npz``.
-
-    Parameters
-    ----------
-    run_dir : Path
-        An ``fl-sim`` run directory.
-
-    Returns
-    -------
-    dict
-        ``{site: (uint8 images (N, C, H, W), int64 labels (N,))}`` in site order; sites with
-        an empty validation split are left out.
-
-    Raises
-    ------
-    FileNotFoundError
-        If the run has no ``sites/*.npz``.
-
-    """
-    files = sorted((Path(run_dir) / "sites").glob("site-*.npz"))
-    if not files:
-        raise FileNotFoundError(f"{run_dir}/sites: no site-XX.npz files (not an fl-sim run?)")
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for path in files:
-        with np.load(path) as data:
-            if data["val_labels"].size:
-                out[path.stem] = (data["val_images"], data["val_labels"].astype(np.int64))
-    return out
-
-
-def load_run_models(run_dir: Path) -> tuple[dict[str, nn.Module], Any]:
-    """Load the run's trained models: global, centralized and local-only baselines.
-
-    Parameters
-    ----------
-    run_dir : Path
-        A run directory with ``global_model.pt`` and optionally ``models/*.pt``.
-
-    Returns
-    -------
-    tuple
-        ``({"global": m, "centralized": c, "local-site-00": l0, ...}, run_config)`` where
-        ``run_config`` is the global model's :class:`~consilia.common.config.RunConfig`.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``global_model.pt`` is missing.
-
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / "global_model.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no global model (did the federated run finish?)")
-    model, run_config, _ = load_checkpoint(path)
-    models: dict[str, nn.Module] = {GLOBAL_MODEL: model}
-    central = run_dir / "models" / "centralized.pt"
-    if central.is_file():
-        models["centralized"] = load_checkpoint(central)[0]
-    for local in sorted((run_dir / "models").glob("local-site-*.pt")):
-        models[local.stem] = load_checkpoint(local)[0]
-    return models, run_config
 
 
 def _clean(value: Any) -> Any:
@@ -145,24 +77,24 @@ def cross_site_validation(run_dir: Path, batch_size: int = 256) -> dict[str, Any
         data. Also writes ``run_dir/cross_site.csv`` and ``plots/cross_site_heatmap.png``.
 
     """
-    run_dir = Path(run_dir)
-    sites = load_site_val(run_dir)
+    run = RunDir(run_dir)
+    sites = run.read_site_validation()
     if not sites:
         logger.warning("cross-site validation skipped: no site has a validation split "
                        "(partition.site_val_fraction=0)")
         return {}
-    models, run_config = load_run_models(run_dir)
+    models, run_config = run.load_models()
     frame = cross_site_matrix(models, sites, batch_size=batch_size,
                               transform=eval_transform_for(run_config))
-    frame.to_csv(run_dir / "cross_site.csv", index=False)
+    frame.to_csv(run.cross_site_csv_path, index=False)
     auc, acc = to_matrix(frame, "auc"), to_matrix(frame, "accuracy")
     gap = generalisation_gap(auc, global_name=GLOBAL_MODEL)
 
     has_auc = bool(np.isfinite(auc.to_numpy(dtype=np.float64)).any())
     shown, label = (auc, "AUC") if has_auc else (acc, "accuracy")
     fig = plot_heatmap(shown, title=f"cross-site {label}")
-    (run_dir / "plots").mkdir(parents=True, exist_ok=True)
-    fig.savefig(run_dir / "plots" / "cross_site_heatmap.png", dpi=120)
+    run.plots_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(run.plots_dir / "cross_site_heatmap.png", dpi=120)
 
     per_site_global = {s: {"auc": auc.at[GLOBAL_MODEL, s], "accuracy": acc.at[GLOBAL_MODEL, s]}
                        for s in auc.columns}

@@ -26,7 +26,8 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from consilia.common.config import ConfigError, ExperimentConfig
-from consilia.common.data.datasets import DatasetBundle, ImageSplit, load_dataset, stratified_subsample
+from consilia.common.data.datasets import DatasetBundle, load_dataset, stratified_subsample
+from consilia.common.data.images import ImageData
 
 __all__ = ["CVResult", "format_summary", "kfold_bundles", "pool_splits", "run_cross_validation"]
 
@@ -36,7 +37,7 @@ logger = logging.getLogger("consilia")
 CV_METRICS = ("auc", "accuracy", "balanced_accuracy")
 
 
-def pool_splits(bundle: DatasetBundle, max_samples: int | None, seed: int) -> ImageSplit:
+def pool_splits(bundle: DatasetBundle, max_samples: int | None, seed: int) -> ImageData:
     """Concatenate a bundle's train, val and test splits (metadata dropped).
 
     Parameters
@@ -50,12 +51,12 @@ def pool_splits(bundle: DatasetBundle, max_samples: int | None, seed: int) -> Im
 
     Returns
     -------
-    ImageSplit
+    ImageData
         The pooled images and labels.
 
     """
     parts = [s for s in (bundle.train, bundle.val, bundle.test) if s is not None and len(s)]
-    pool = ImageSplit(np.concatenate([p.images for p in parts]),
+    pool = ImageData(np.concatenate([p.images for p in parts]),
                       np.concatenate([p.labels for p in parts]))
     if max_samples is not None and max_samples < len(pool):
         pool = pool.subset(stratified_subsample(pool.labels, max_samples, seed))
@@ -63,7 +64,7 @@ def pool_splits(bundle: DatasetBundle, max_samples: int | None, seed: int) -> Im
 
 
 def kfold_bundles(
-    bundle: DatasetBundle, pool: ImageSplit, folds: int, seed: int
+    bundle: DatasetBundle, pool: ImageData, folds: int, seed: int
 ) -> list[DatasetBundle]:
     """Cut ``pool`` into ``folds`` stratified folds; bundle ``i`` tests on fold ``i``.
 
@@ -71,7 +72,7 @@ def kfold_bundles(
     ----------
     bundle : DatasetBundle
         The source dataset (name, classes, geometry).
-    pool : ImageSplit
+    pool : ImageData
         The pooled images (:func:`pool_splits`).
     folds : int
         Number of folds ``K >= 2``.

@@ -9,7 +9,7 @@ identifiers only: PatientName ``Anonymous^Rehearsal``, PatientID ``<SITE>-<n>`` 
     out_dir/<site>/images/<class>/<n>.dcm
     out_dir/<site>/labels.csv        # path,label,sop_instance_uid[,split]
 
-which is exactly what :class:`consilia.client.site.data_sources.DicomSourceConfig` reads
+which is exactly what :class:`consilia.client.site.data_sources.config.DicomSourceConfig` reads
 (``root=out_dir/<site>``, ``labels_csv=labels.csv``). The pixels are written without a window,
 so :func:`consilia.common.data.dicom.read_dicom` returns them unchanged (8-bit full range).
 """
@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from consilia.common.data.sitefile import load_site_npz
+from consilia.common.rundir.layout import RunDir
 
 __all__ = [
     "PATIENT_NAME",
@@ -226,7 +227,7 @@ def export_site_dicoms(
 
 
 def _partition_seed(partition_dir: Path) -> int | None:
-    summary = partition_dir / "partition.json"
+    summary = RunDir(partition_dir).partition_json_path
     if not summary.is_file():
         return None
     try:
@@ -263,8 +264,11 @@ def export_partition_to_dicom(
 
     """
     partition_dir = Path(partition_dir)
-    sites_dir = partition_dir / "sites" if (partition_dir / "sites").is_dir() else partition_dir
-    files = sorted(sites_dir.glob("site-*.npz"))
+    layout = RunDir(partition_dir)
+    if layout.sites_dir.is_dir():
+        sites_dir, files = layout.sites_dir, layout.site_files()
+    else:  # the sites folder itself
+        sites_dir, files = partition_dir, sorted(partition_dir.glob("site-*.npz"))
     if not files:
         raise FileNotFoundError(
             f"no site-*.npz files in {sites_dir}; create the partition first with fl-sim"

@@ -18,17 +18,21 @@ from typing import Any
 
 import numpy as np
 
-from consilia.client.trainer import ImageData, evaluate_on
+from consilia.common.data.images import ImageData
+from consilia.common.evaluation.formatting import format_number as _fmt
 from consilia.common.evaluation.metrics import compute_metrics
+from consilia.common.rundir.layout import RunDir
 from consilia.common.serde import load_checkpoint
-from consilia.simulations.partition import FederatedPartition, SiteData, site_name
+from consilia.common.training.inference import evaluate_on
+from consilia.simulations.partition import FederatedPartition, SiteData
+from consilia.simulations.partition_schemes import site_name
 
 __all__ = ["HOLDOUT_DIR", "external_validation", "split_holdout"]
 
 logger = logging.getLogger("consilia")
 
 #: Folder of the run directory that holds the held-out site's file.
-HOLDOUT_DIR = "holdout"
+HOLDOUT_DIR = RunDir(".").holdout_dir.name
 
 
 def split_holdout(
@@ -65,8 +69,8 @@ def split_holdout(
     if partition.num_sites < 2:
         raise ValueError("partition.holdout_site needs at least 2 sites (one must still train)")
     held = partition.sites[site_id]
-    src = Path(run_dir) / "sites" / f"{held.name}.npz"
-    dst = Path(run_dir) / HOLDOUT_DIR / src.name
+    layout = RunDir(run_dir)
+    src, dst = layout.site_path(held.name), layout.holdout_path(held.name)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.is_file():
         src.replace(dst)
@@ -95,24 +99,23 @@ def external_validation(run_dir: Path, site: SiteData) -> dict[str, Any]:
         Predictions go to ``predictions/external-<model>.npz``.
 
     """
-    run_dir = Path(run_dir)
+    layout = RunDir(run_dir)
     images = np.concatenate([site.train.images, site.val.images])
     labels = np.concatenate([site.train.labels, site.val.labels]).astype(np.int64)
     data = ImageData(images, labels)
-    paths = {"federated": run_dir / "global_model.pt",
-             "centralized": run_dir / "models" / "centralized.pt"}
-    paths.update({p.stem: p for p in sorted((run_dir / "models").glob("local-site-*.pt"))})
+    paths = {"federated": layout.global_model_path, "centralized": layout.centralized_model_path}
+    paths.update({p.stem: p for p in layout.local_model_files()})
     out: dict[str, Any] = {"site": site.name if site.name else site_name(site.site_id),
                            "n": len(labels)}
     local: dict[str, Any] = {}
-    (run_dir / "predictions").mkdir(parents=True, exist_ok=True)
+    layout.predictions_dir.mkdir(parents=True, exist_ok=True)
     for name, path in paths.items():
         if not path.is_file():
             continue
         model, run, _ = load_checkpoint(path)
         res = evaluate_on(model, data, run.train, run.task)
         metrics = compute_metrics(res.y_true, res.y_prob, run.task.class_names)
-        np.savez_compressed(run_dir / "predictions" / f"external-{name}.npz",
+        np.savez_compressed(layout.prediction_path(f"external-{name}"),
                             y_true=res.y_true, y_prob=res.y_prob)
         if "class_counts" not in out:
             out["class_counts"] = np.bincount(labels, minlength=run.task.num_classes).tolist()
@@ -134,7 +137,3 @@ def external_validation(run_dir: Path, site: SiteData) -> dict[str, Any]:
                 "accuracy %s", out["site"], out["n"], _fmt(fed.get("auc")),
                 _fmt(fed.get("accuracy")))
     return out
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, int | float) else "n/a"

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from consilia.common.data.datasets.mednist import find_mednist, read_mednist_images
 from consilia.common.child_env import child_env
+from consilia.common.data.datasets.mednist import find_mednist, read_mednist_images
 
 __all__ = [
     "GEN_CERTS",
@@ -155,8 +155,8 @@ class LocalFederation:
     def fl_server(self, *args: str, timeout_s: float = 120,
                   check: bool = True) -> subprocess.CompletedProcess:
         """Run ``fl-server --state-dir <state> ARGS`` and return its result."""
-        cmd = [sys.executable, "-m", "consilia.server.control.cli", "--state-dir", str(self.state_dir),
-               *args]
+        cmd = [sys.executable, "-m", "consilia.server.control.cli",
+               "--state-dir", str(self.state_dir), *args]
         res = subprocess.run(cmd, capture_output=True, text=True, env=self._env(),
                              timeout=timeout_s, check=False)
         if check and res.returncode != 0:
@@ -168,9 +168,9 @@ class LocalFederation:
         """``fl-server start --certs [EXTRA_ARGS]`` on a free loopback port; wait for it."""
         log = (self.root / "fl-server-start.log").open("w")
         self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "consilia.server.control.cli", "--state-dir", str(self.state_dir),
-             "start", "--certs", str(self.certs), "--host", "127.0.0.1",
-             "--port", str(self.port), *extra_args],
+            [sys.executable, "-m", "consilia.server.control.cli",
+             "--state-dir", str(self.state_dir), "start", "--certs", str(self.certs),
+             "--host", "127.0.0.1", "--port", str(self.port), *extra_args],
             stdout=log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True)
         log.close()
         wait_for(lambda: self.coordinator.poll() is not None

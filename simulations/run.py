@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import yaml
 
-from consilia.client.trainer import ImageData
 from consilia.common.config import ExperimentConfig, TaskSpec
 from consilia.common.data.datasets import DatasetBundle, load_dataset
-from consilia.common.training.engine import seed_everything
-from consilia.common.library_versions import library_versions
+from consilia.common.data.images import ImageData
 from consilia.common.evaluation.plots import plot_learning_curves
-from consilia.common.rundir.round_records import read_round_records
+from consilia.common.library_versions import library_versions
+from consilia.common.rundir.layout import RunDir
+from consilia.common.training.engine import seed_everything
 from consilia.simulations.baselines import run_centralized, run_local_only
 from consilia.simulations.cross_site import cross_site_validation
 from consilia.simulations.flower_sim import run_flower_simulation
@@ -61,17 +61,18 @@ def _resolve_run_dir(cfg: ExperimentConfig, out_dir: Path | None) -> Path:
 
 
 def _write_metadata(run_dir: Path, cfg: ExperimentConfig, argv: list[str] | None) -> None:
-    (run_dir / "config.yaml").write_text(
+    layout = RunDir(run_dir)
+    layout.config_path.write_text(
         yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
     )
-    (run_dir / "task.json").write_text(cfg.task.model_dump_json(indent=2) if cfg.task else "{}")
+    layout.task_path.write_text(cfg.task.model_dump_json(indent=2) if cfg.task else "{}")
     env = {
         "versions": library_versions(),
         "seed": cfg.seed,
         "command": argv if argv is not None else sys.argv,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    (run_dir / "environment.json").write_text(json.dumps(env, indent=2))
+    layout.environment_path.write_text(json.dumps(env, indent=2))
 
 
 def _metric(metrics: dict, name: str) -> float | None:
@@ -168,8 +169,8 @@ def run_experiment(
     held_out = None
     if cfg.partition.holdout_site is not None:
         partition, held_out = split_holdout(partition, cfg.partition.holdout_site, run_dir)
-    np.savez_compressed(run_dir / "test_set.npz", images=bundle.test.images,
-                        labels=bundle.test.labels, class_names=np.array(bundle.class_names))
+    layout = RunDir(run_dir)
+    layout.write_test_set(bundle.test, bundle.class_names)
     _write_metadata(run_dir, cfg, argv)
     seconds: dict[str, float] = {"prepare": time.perf_counter() - t0}
 
@@ -178,10 +179,10 @@ def run_experiment(
                 "engine, Ray backend)", cfg.strategy.name, cfg.strategy.rounds,
                 partition.num_sites, cfg.model.name)
     t_fl = time.perf_counter()
-    run_flower_simulation(run, run_dir, run_dir / "sites", partition.num_sites,
+    run_flower_simulation(run, run_dir, layout.sites_dir, partition.num_sites,
                           cfg.simulation, verbose=verbose)
     seconds["federated"] = time.perf_counter() - t_fl
-    fed_path = run_dir / "federated_metrics.json"
+    fed_path = layout.federated_metrics_path
     if not fed_path.is_file():
         raise RuntimeError(f"the federated run wrote no results to {fed_path}; see the log")
     final: dict[str, Any] = json.loads(fed_path.read_text())
@@ -207,13 +208,13 @@ def run_experiment(
         final["external_validation"] = external_validation(run_dir, held_out)
     seconds["total"] = time.perf_counter() - t0
     final["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-    (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+    layout.final_metrics_path.write_text(json.dumps(final, indent=2))
 
-    rounds = read_round_records(run_dir)
+    rounds = layout.read_rounds()
     refs = {}
     if "centralized" in final:
         refs["centralized"] = final["centralized"]["accuracy"]
     if "local_only" in final and "accuracy" in final["local_only"].get("mean", {}):
         refs["local-only (mean)"] = final["local_only"]["mean"]["accuracy"]
-    plot_learning_curves(rounds, run_dir / "plots" / "learning_curves.png", refs)
+    plot_learning_curves(rounds, layout.plots_dir / "learning_curves.png", refs)
     return ExperimentResult(run_dir=run_dir, final=final, seconds=seconds)

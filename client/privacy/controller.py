@@ -18,14 +18,8 @@ Budget.
     (ε_req, δ)-DP). Both are enforced, so the request can never raise the site's budget:
     on a fresh ledger the noise is exactly ``get_noise_multiplier(min(request, budget))``.
 Calibration (:meth:`PrivacyController.calibrate`).
-    Noise is chosen once per run for *all* planned rounds
-    (``steps = total_rounds * local_epochs * steps_per_epoch``) with
-    ``opacus.accountants.utils.get_noise_multiplier``, never with
-    ``make_private_with_epsilon`` (it calibrates one round and ignores the loaded history).
-    When the ledger already holds history (an earlier run), the same doubling + bisection
-    search (tolerance 0.01) runs on the *composed* accountant (history + planned run): epsilons
-    do not add under RDP/PRV composition, so "remaining = budget − spent" fed to a fresh
-    calibration would be wrong. The calibration is cached in the ledger per run id, so a
+    Noise is chosen once per run for all planned rounds (see
+    :mod:`consilia.client.privacy.planning`) and cached in the ledger per run id, so a
     restarted site keeps the same noise. Sampling rate and steps per epoch are what Opacus'
     Poisson loader uses: ``q = 1 / len(loader) = 1 / ceil(n / batch_size)`` (equal to
     ``batch_size / n`` when the batch divides n), so the plan and the accountant agree.
@@ -45,46 +39,9 @@ Accounting (:meth:`PrivacyController.make_private` / :meth:`PrivacyController.co
     composes exactly across rounds and restarts; after the round the steps actually taken are
     composed into the ledger file (atomically, before any weights leave the site). If
     training fails half-way, the steps already taken are still recorded (conservative).
-Grad-sample mode (:func:`choose_grad_sample_mode`).
-    ``dp.grad_sample_mode="auto"`` picks, per registered model, the fastest mode that worked
-    and gave the same update as ``hooks`` in our CPU measurement (1 thread, noise 0,
-    ``docs/benchmarks.md``; :data:`MEASURED_GRAD_SAMPLE_MODE`): ``hooks`` for cnn (with the
-    speed-ups below), ``ew`` for lenet5, ``ghost`` for alexnet, ``hooks`` for the rest
-    (efficientnet_b0 too, since the grouped-conv per-sample gradients: 2.3x vs 4.0x).
-    Models registered later fall back to ``"hooks"`` (works for every Opacus-valid model).
-    ``"ghost"`` (fast gradient clipping) returns a wrapped criterion whose
-    ``loss.backward()`` runs the two backward passes; :class:`PrivateTraining` always
-    carries the criterion to use, so the trainer needs no special case. Ghost needs a
-    criterion with a ``reduction`` attribute honouring ``"none"``; otherwise ``auto`` falls
-    back to ``"hooks"``.
-Step cost (:func:`enable_fast_dp_step`, called by :meth:`PrivacyController.make_private`).
-    Same per-sample gradients, clipping, noise and accounting as stock Opacus, computed with
-    less work: faster ``Conv2d``/``GroupNorm`` grad samplers registered through
-    ``opacus.grad_sample.register_grad_sampler`` (:mod:`consilia.client.privacy.grad_samplers`); in
-    hooks mode, the ordinary convolution gradients that ``DPOptimizer`` overwrites are not
-    computed (:mod:`consilia.client.privacy.discarded_grads`); freed heap memory is kept for the
-    next step instead of being page-faulted back in (:mod:`consilia.common.training.allocator`).
-    For the default cnn a DP-SGD step went from 1.7-2.2× to 1.3-1.5× a plain step
-    (``docs/benchmarks.md``).
-FedProx under DP (:func:`apply_proximal_gradient`).
-    Adding ``mu/2·Σ‖w−g‖²`` to the loss does not work with Opacus: in hooks/functorch/ew mode
-    ``DPOptimizer`` replaces ``p.grad`` by the clipped, noised sum of *per-sample* gradients,
-    so the proximal gradient is silently dropped (measured: identical update); in ghost mode
-    the term would be scaled by the data-dependent clipping coefficients (a leak). Instead the
-    controller adds ``mu·(w − g)`` to the privatised gradient in a step pre-hook of the inner
-    optimizer (after clipping + noise, before the update, only on real logical steps). This
-    is post-processing: it depends only on the current weights (already DP outputs) and the
-    global weights (public to this site), so it consumes no privacy budget and needs no
-    clipping. For SGD it equals FedProx's gradient exactly; adaptive optimizers see it too.
 Central DP.
     ``dp.mode="central"`` is the coordinator's job (client-level clipping + noise); this
     controller refuses it.
-Empty batches.
-    Poisson sampling yields empty batches now and then; the round still takes a noise-only
-    step for them (hooks and ghost handle zero-length batches; ew and functorch crash on
-    them, so they get Opacus' ``rand_on_empty`` filler: one random, data-independent sample).
-    ``consilia.common.training.engine.train_epochs`` skips empty batches, hence
-    :func:`train_private_epochs`.
 Randomness.
     The trainer seeds torch from the run's seed, which the coordinator knows; noise and
     Poisson sampling drawn from that stream could be replayed and the noise subtracted,
@@ -94,37 +51,43 @@ Randomness.
     which replaces the generator of the loader passed in). ``noise_seed`` makes them
     reproducible for simulations and tests only. Opacus' ``secure_mode`` (CSPRNG plus
     floating-point attack mitigation) needs ``torchcsprng``, which is not installed.
-Memory.
-    :meth:`PrivateTraining.memory_bounded` wraps the loader in Opacus'
-    ``BatchMemoryManager(max_physical_batch_size)``: logical (Poisson) batches are split into
-    physical ones and the optimizer steps once per logical batch (accounting unchanged).
+
+The pieces it orchestrates live one concept per module: :mod:`~consilia.client.privacy.budget`
+(the refusals), :mod:`~consilia.client.privacy.planning` (delta, noise search, release plan),
+:mod:`~consilia.client.privacy.dpsgd` (Opacus wrapping, grad-sample mode, the private loop,
+FedProx and the fast DP step), :mod:`~consilia.client.privacy.statistics_release` and
+:mod:`~consilia.client.privacy.ledger`.
 
 No Flower imports: the site trainer and the ClientApp adapter call this module.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import secrets
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
-from opacus.data_loader import switch_generator
-from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader
 
-from consilia.client.privacy.discarded_grads import skip_discarded_conv_grads
-from consilia.client.privacy.grad_samplers import register_fast_grad_samplers
+from consilia.client.privacy.budget import (
+    EPSILON_SLACK,
+    PrivacyBudgetExceeded,
+    PrivacyConfigError,
+)
+from consilia.client.privacy.dpsgd import (
+    PrivateTraining,
+    choose_grad_sample_mode,
+    train_private_epochs,
+    wrap_private,
+)
 from consilia.client.privacy.ledger import (
     AccountantState,
     LedgerEntry,
@@ -133,335 +96,19 @@ from consilia.client.privacy.ledger import (
     accountant_from_state,
     utc_now,
 )
-from consilia.common.training.allocator import retain_freed_memory
+from consilia.client.privacy.planning import (
+    default_delta,
+    epsilon_of,
+    noise_for_composed_target,
+    planned_release,
+)
+from consilia.client.privacy.statistics_release import account_statistics_release, release_rng
 from consilia.common.config import DPConfig
 from consilia.common.serde import clean_state_dict
 
-__all__ = [
-    "GRAD_SAMPLE_MODES",
-    "MEASURED_GRAD_SAMPLE_MODE",
-    "PrivacyBudgetExceeded",
-    "PrivacyConfigError",
-    "PrivacyController",
-    "PrivateTraining",
-    "apply_proximal_gradient",
-    "choose_grad_sample_mode",
-    "default_delta",
-    "enable_fast_dp_step",
-    "noise_for_composed_target",
-    "train_private_epochs",
-]
+__all__ = ["PrivacyController"]
 
 log = logging.getLogger(__name__)
-
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
-
-#: Fastest grad-sample mode per registered model among those that worked and gave the same
-#: update as ``hooks`` (noise 0), measured on CPU with 1 thread (batch 16 at 32 px; the cnn
-#: also at batch 64, 28 and 64 px; see docs/benchmarks.md). Where two modes were within
-#: measurement noise, ``hooks`` is kept (it handles empty batches natively). Models not
-#: listed fall back to ``"hooks"``. The cnn row was re-measured with
-#: :func:`enable_fast_dp_step` (interleaved A/B, width 16), the others before it existed.
-MEASURED_GRAD_SAMPLE_MODE: dict[str, str] = {
-    "cnn": "hooks",  # hooks 1.3-1.5x plain vs ew 1.6-1.8x (28-64 px, batch 32-64)
-    "lenet5": "ew",  # ew 1.6x vs ghost 1.7x vs hooks 2.8x (median)
-    "alexnet": "ghost",  # ghost 2.0x vs hooks 4.9x
-    "efficientnet_b0": "hooks",  # hooks 2.3x vs functorch 4.0x with the fast grouped convs
-    "densenet121": "hooks",  # hooks 2.6x vs ghost 4.1x; ew fails (view of non-contiguous)
-    "inception": "hooks",  # hooks 2.7x vs ghost 4.1x
-    "resnet18": "hooks",  # hooks ~ ghost ~10x; functorch/ew slower
-    "vgg11": "hooks",  # hooks ~ ghost within noise
-    "vit": "hooks",  # hooks 1.9x vs functorch/ghost 2.4x; ew fails (unsupported add)
-}
-
-#: Modes that crash on an empty Poisson batch; they get one random (data-independent) filler
-#: sample instead (Opacus ``rand_on_empty``), so the noise-only step still happens.
-_NO_EMPTY_BATCH_MODES = ("ew", "functorch")
-
-#: Slack when comparing a would-be epsilon with its cap (float noise of the accountant only).
-EPSILON_SLACK = 1e-9
-
-
-#: A calibration release is planned into a run only when, on its own, it costs at most this
-#: share of the run's epsilon (otherwise DP-SGD would keep too little; the site declines it).
-RELEASE_SHARE_LIMIT = 0.5
-
-
-class PrivacyBudgetExceeded(RuntimeError):  # noqa: N818 (name fixed by the design brief)
-    """Training one more round would exceed a privacy budget; the site refuses to train.
-
-    Attributes
-    ----------
-    reason : str
-        Plain-language reason (also the exception message).
-
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class PrivacyConfigError(ValueError):
-    """The DP request or the site's privacy policy cannot be honoured as given."""
-
-
-def default_delta(n_samples: int) -> float:
-    """Return the default delta ``min(1e-5, 1 / (10 n))`` (always well below ``1 / n``)."""
-    if n_samples < 1:
-        raise PrivacyConfigError(f"cannot train with DP on {n_samples} samples")
-    return min(1e-5, 1.0 / (10.0 * n_samples))
-
-
-def choose_grad_sample_mode(model_name: str | None) -> str:
-    """Return the fastest grad-sample mode measured for a registered model (``"hooks"`` if none).
-
-    Parameters
-    ----------
-    model_name : str or None
-        Registered model name (``consilia.common.models.MODELS``).
-
-    Returns
-    -------
-    str
-        One of ``"hooks"``, ``"functorch"``, ``"ew"``, ``"ghost"``.
-
-    """
-    return MEASURED_GRAD_SAMPLE_MODE.get(model_name or "", "hooks")
-
-
-def enable_fast_dp_step(module: nn.Module, grad_sample_mode: str) -> list[Any]:
-    """Install the DP-SGD speed-ups for one Opacus-wrapped model; return handles to remove.
-
-    Nothing here changes the per-sample gradients, the clipping, the noise or the
-    accounting (``tests/client/privacy/test_grad_samplers.py``); :meth:`PrivacyController.make_private`
-    calls it, :meth:`PrivateTraining.close` removes the handles.
-
-    Parameters
-    ----------
-    module : nn.Module
-        The model after ``PrivacyEngine.make_private``.
-    grad_sample_mode : str
-        The mode it was wrapped with.
-
-    Returns
-    -------
-    list
-        Hook handles; in hooks mode those of
-        :func:`~consilia.client.privacy.discarded_grads.skip_discarded_conv_grads`, else none.
-
-    Notes
-    -----
-    Process-wide and idempotent: the faster ``Conv2d``/``GroupNorm`` grad samplers
-    (:func:`~consilia.client.privacy.grad_samplers.register_fast_grad_samplers`, used by the hooks
-    and ghost modes) and the heap kept for reuse
-    (:func:`~consilia.common.training.allocator.retain_freed_memory`). Per model, hooks mode only:
-    the ordinary convolution gradients that ``DPOptimizer`` would overwrite are not computed.
-
-    """
-    register_fast_grad_samplers()
-    retain_freed_memory()
-    if grad_sample_mode == "hooks":
-        return skip_discarded_conv_grads(module)
-    return []
-
-
-def apply_proximal_gradient(
-    model: nn.Module, global_params: Sequence[torch.Tensor], mu: float
-) -> None:
-    """Add the FedProx gradient ``mu · (w − g)`` to every trainable parameter's ``.grad``.
-
-    Call it on the *privatised* gradient (after Opacus' clipping and noise, before the
-    update); :meth:`PrivateTraining.add_proximal_term` installs it as a step pre-hook. It is
-    post-processing of DP outputs and public weights, so it costs no privacy budget.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The (possibly Opacus-wrapped) model; its trainable parameters, in order, must match
-        ``global_params`` (as produced by ``consilia.common.training.engine.snapshot_params``).
-    global_params : sequence of Tensor
-        Detached global weights received this round.
-    mu : float
-        Proximal coefficient (``>= 0``; 0 does nothing).
-
-    Raises
-    ------
-    ValueError
-        If ``mu < 0`` or the parameter lists differ in length or shapes.
-
-    """
-    if mu < 0:
-        raise ValueError(f"proximal mu must be >= 0, got {mu}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if len(params) != len(global_params):
-        raise ValueError(
-            f"proximal gradient: {len(params)} trainable parameters vs "
-            f"{len(global_params)} global tensors"
-        )
-    if mu == 0:
-        return
-    with torch.no_grad():
-        for p, g in zip(params, global_params, strict=True):
-            if p.shape != g.shape:
-                raise ValueError(f"proximal gradient: shape {tuple(p.shape)} vs {tuple(g.shape)}")
-            if p.grad is None:
-                continue  # parameter not used this step: no update, no proximal pull either
-            p.grad.add_(p.detach() - g.to(p.device, p.dtype), alpha=mu)
-
-
-def noise_for_composed_target(
-    state: AccountantState,
-    *,
-    target_epsilon: float,
-    target_delta: float,
-    sample_rate: float,
-    steps: int,
-    epsilon_tolerance: float = 0.01,
-) -> float:
-    """Noise multiplier so that ``history + steps`` new steps compose to ``target_epsilon``.
-
-    The same doubling + bisection search as ``opacus.accountants.utils.get_noise_multiplier``,
-    but evaluated on the accountant that already holds ``state``'s history (a fresh history
-    gives exactly ``get_noise_multiplier``'s answer).
-
-    Raises
-    ------
-    PrivacyBudgetExceeded
-        If the history alone already reaches ``target_epsilon`` or no finite noise does.
-
-    """
-    accountant = create_accountant(mechanism=state.mechanism)
-    past = [(float(s), float(q), int(n)) for s, q, n in state.history]
-
-    def eps(sigma: float) -> float:
-        accountant.history = [*past, (sigma, sample_rate, steps)]
-        return float(accountant.get_epsilon(delta=target_delta))
-
-    if past:
-        accountant.history = list(past)
-        spent = float(accountant.get_epsilon(delta=target_delta))
-        if spent >= target_epsilon:
-            raise PrivacyBudgetExceeded(
-                f"the budget ε={target_epsilon:.3f} is already spent (ε={spent:.3f})"
-            )
-    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
-    while eps_high > target_epsilon:
-        sigma_high *= 2
-        if sigma_high > MAX_SIGMA:
-            raise PrivacyBudgetExceeded(
-                f"the remaining budget (ε target {target_epsilon:.3f}) is too small for "
-                f"{steps} more DP-SGD steps at any noise level"
-            )
-        eps_high = eps(sigma_high)
-    while target_epsilon - eps_high > epsilon_tolerance:
-        sigma = (sigma_low + sigma_high) / 2
-        value = eps(sigma)
-        if value < target_epsilon:
-            sigma_high, eps_high = sigma, value
-        else:
-            sigma_low = sigma
-    return sigma_high
-
-
-@dataclass
-class PrivateTraining:
-    """The private training objects of one round (use these, not the originals).
-
-    Attributes
-    ----------
-    model : nn.Module
-        Opacus ``GradSampleModule`` (state_dict keys carry ``_module.``; see
-        :meth:`PrivacyController.unwrap_state_dict`). It trains the original module in place.
-    optimizer : opacus.optimizers.DPOptimizer
-        Clips per-sample gradients, adds noise, steps the accountant.
-    loader : DataLoader
-        Poisson-sampling loader (variable batch sizes, possibly empty batches).
-    criterion : callable
-        The loss to call: the original one, or in ghost mode Opacus' wrapper whose
-        ``loss.backward()`` performs both backward passes.
-    grad_sample_mode : str
-        The mode in use.
-    noise_multiplier, sample_rate : float
-        As calibrated for the run.
-    max_physical_batch_size : int
-        Memory bound used by :meth:`memory_bounded`.
-
-    """
-
-    model: nn.Module
-    optimizer: Any
-    loader: DataLoader
-    criterion: Any
-    grad_sample_mode: str
-    noise_multiplier: float
-    sample_rate: float
-    max_physical_batch_size: int
-    _handles: list[Any] = field(default_factory=list, repr=False)
-
-    @contextlib.contextmanager
-    def memory_bounded(self) -> Iterator[DataLoader]:
-        """Yield the loader split into physical batches of at most ``max_physical_batch_size``.
-
-        The optimizer steps (and the accountant counts) once per *logical* batch.
-        """
-        with BatchMemoryManager(
-            data_loader=self.loader,
-            max_physical_batch_size=self.max_physical_batch_size,
-            optimizer=self.optimizer,
-        ) as loader:
-            yield loader
-
-    def add_proximal_term(self, global_params: Sequence[torch.Tensor], mu: float) -> None:
-        """Apply FedProx as post-processing: ``mu·(w − g)`` joins each privatised gradient.
-
-        Do not also add the proximal term to the loss (see the module docstring).
-        """
-        if mu <= 0:
-            return
-        anchors = [g.detach().clone() for g in global_params]
-        apply_proximal_gradient(self.model, anchors, 0.0)  # validates lengths now, not mid-round
-        model = self.model
-
-        def _hook(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
-            apply_proximal_gradient(model, anchors, mu)
-
-        inner = self.optimizer.original_optimizer
-        self._handles.append(inner.register_step_pre_hook(_hook))
-
-    def close(self) -> None:
-        """Remove the proximal hook and Opacus' hooks/attributes from the original module."""
-        while self._handles:
-            self._handles.pop().remove()
-        cleanup = getattr(self.model, "cleanup", None)
-        if callable(cleanup):
-            cleanup()
-
-
-def train_private_epochs(private: PrivateTraining, epochs: int) -> float:
-    """Train ``epochs`` epochs with the private objects; return the mean per-sample task loss.
-
-    Unlike ``consilia.common.training.engine.train_epochs`` this loop does *not* skip empty Poisson
-    batches: DP-SGD's accounting assumes a (noise-only) step for every sampled batch, and
-    skipping would make the release depend on whether the batch was empty. Batches are split
-    by :meth:`PrivateTraining.memory_bounded`; the optimizer steps once per logical batch.
-    """
-    model, optimizer, criterion = private.model, private.optimizer, private.criterion
-    model.train()
-    total, seen = 0.0, 0
-    for _ in range(epochs):
-        with private.memory_bounded() as batches:
-            for images, labels in batches:
-                optimizer.zero_grad(set_to_none=True)
-                loss = criterion(model(images), labels)
-                loss.backward()
-                optimizer.step()
-                batch = int(labels.shape[0])
-                if batch:
-                    total += float(loss.detach()) * batch
-                    seen += batch
-    optimizer.zero_grad(set_to_none=True)
-    return total / max(seen, 1)
 
 
 class PrivacyController:
@@ -669,13 +316,9 @@ class PrivacyController:
             raise PrivacyBudgetExceeded(self._exhausted_text(entry))
         history = entry.accountant_state
         # the run's one feature-statistics release (Gaussian, sampling rate 1), planned in
-        reserved = self._reserved_release(mechanism)
-        if reserved and self._eps(AccountantState(mechanism=mechanism, history=reserved),
-                                  delta) > RELEASE_SHARE_LIMIT * min(request, budget):
-            log.info("run %s: the feature-statistics release alone would cost more than half "
-                     "of ε=%.3f; not planned (the site will decline it)", run_id,
-                     min(request, budget))
-            reserved = []
+        reserved = planned_release(
+            self.release_noise_multiplier, mechanism, delta, min(request, budget), run_id
+        )
         with_release = AccountantState(mechanism=mechanism,
                                        history=[*history.history, *reserved])
         release_only = AccountantState(mechanism=mechanism, history=list(reserved))
@@ -743,12 +386,6 @@ class PrivacyController:
         )
         return self._calibration.noise_multiplier
 
-    def _reserved_release(self, mechanism: str) -> list[tuple[float, float, int]]:
-        """Return the feature-statistics release to plan for (one step at sampling rate 1)."""
-        if self.release_noise_multiplier is None or mechanism == "gdp":
-            return []  # GDP's CLT composition does not cover a full-batch release
-        return [(float(self.release_noise_multiplier), 1.0, 1)]
-
     def release_feature_statistics(self, n_samples: int, run_id: str | int | None = None,
                                    server_round: int | None = None) -> float:
         """Account one Gaussian release of feature statistics; return the lifetime epsilon.
@@ -776,46 +413,15 @@ class PrivacyController:
             raise PrivacyConfigError("this site sends no DP-noised feature statistics "
                                      "(policy.feature_statistics.dp_noise_multiplier is off)")
         entry = self._open_entry(n_samples)
-        if entry.accountant == "gdp":
-            raise PrivacyConfigError(
-                f"dataset '{self.dataset_key}' is accounted with the GDP accountant, which "
-                "cannot compose a full-batch Gaussian release; use dp.accountant='rdp'"
-            )
-        release = (float(sigma), 1.0, 1)
-        lifetime = self._eps(AccountantState(mechanism=entry.accountant, history=[
-            *entry.accountant_state.history, release]), entry.delta)
-        if lifetime > entry.target_epsilon + EPSILON_SLACK:
-            raise PrivacyBudgetExceeded(
-                f"dataset '{self.dataset_key}': sending noised feature statistics (noise "
-                f"multiplier {sigma:g}) would raise the spend from ε={entry.epsilon_spent:.3f} "
-                f"to ε={lifetime:.3f}, over the site's budget ε={entry.target_epsilon:.3f}"
-            )
-        run_id = str(run_id)
-        cal = entry.calibrations.get(run_id)
-        requested = cal.requested_epsilon if cal is not None else float(self.dp.target_epsilon)
-        run_state = entry.run_history(run_id)
-        run_eps = self._eps(AccountantState(mechanism=entry.accountant, history=[
-            *run_state.history, release]), entry.delta)
-        if run_eps > requested + EPSILON_SLACK:
-            raise PrivacyBudgetExceeded(
-                f"dataset '{self.dataset_key}': sending noised feature statistics would bring "
-                f"run {run_id} to ε={run_eps:.3f}, over the ε={requested:.3f} it asked for "
-                "(the run's budget was not planned with a calibration release)"
-            )
-        updated = self.ledger.record_round(
-            self.dataset_key, run_id=run_id, server_round=server_round, steps=1,
-            sample_rate=1.0, noise_multiplier=float(sigma), kind="feature-statistics",
+        return account_statistics_release(
+            self.ledger, self.dataset_key, entry, float(sigma),
+            fallback_requested_epsilon=float(self.dp.target_epsilon),
+            run_id=str(run_id), server_round=server_round,
         )
-        log.info("DP release of feature statistics for run %s on '%s': noise %.3f, lifetime "
-                 "ε %.3f -> %.3f", run_id, self.dataset_key, sigma, entry.epsilon_spent,
-                 updated.epsilon_spent)
-        return float(updated.epsilon_spent)
 
     def release_rng(self) -> np.random.Generator:
         """Noise source for a release: OS entropy at a real site, ``noise_seed`` in simulation."""
-        if self.noise_seed is None:
-            return np.random.default_rng(secrets.randbits(128))
-        return np.random.default_rng([int(self.noise_seed), 0xCA11B])
+        return release_rng(self.noise_seed)
 
     def _open_entry(self, n_samples: int) -> LedgerEntry:
         existing = self._entry()
@@ -844,7 +450,7 @@ class PrivacyController:
 
     @staticmethod
     def _eps(state: AccountantState, delta: float) -> float:
-        return float(accountant_from_state(state).get_epsilon(delta=delta))
+        return epsilon_of(state, delta)
 
     def _exhausted_text(self, entry: LedgerEntry) -> str:
         return (
@@ -956,43 +562,16 @@ class PrivacyController:
         if entry.accountant_state.history:
             engine.accountant.load_state_dict(entry.accountant_state.to_opacus())
         sampling_rng, noise_rng = self._generators(model)
-        loader = switch_generator(data_loader=loader, generator=sampling_rng)
-        kwargs: dict[str, Any] = {"noise_generator": noise_rng}
-        if mode == "ghost":
-            kwargs["criterion"] = criterion if criterion is not None else nn.CrossEntropyLoss()
-        out = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=cal.noise_multiplier,
-            max_grad_norm=self.dp.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=mode,
-            rand_on_empty=mode in _NO_EMPTY_BATCH_MODES,
-            **kwargs,
-        )
-        if mode == "ghost":
-            private_model, private_opt, private_criterion, private_loader = out
-        else:
-            (private_model, private_opt, private_loader), private_criterion = out, criterion
-        training = PrivateTraining(
-            model=private_model,
-            optimizer=private_opt,
-            loader=private_loader,
-            criterion=private_criterion,
+        training = wrap_private(
+            engine, model, optimizer, loader, criterion,
             grad_sample_mode=mode,
             noise_multiplier=cal.noise_multiplier,
             sample_rate=cal.sample_rate,
+            max_grad_norm=self.dp.max_grad_norm,
             max_physical_batch_size=self.dp.max_physical_batch_size,
+            sampling_generator=sampling_rng,
+            noise_generator=noise_rng,
         )
-        training._handles.extend(enable_fast_dp_step(private_model, mode))
-        actual_q = 1.0 / len(private_loader)
-        if not math.isclose(actual_q, cal.sample_rate, rel_tol=1e-12):
-            training.close()
-            raise PrivacyConfigError(
-                f"Opacus samples at q={actual_q:.6g} but the run was calibrated for "
-                f"q={cal.sample_rate:.6g}"
-            )
         self._engine = engine
         self._steps_before = AccountantState.from_opacus(engine.accountant.state_dict()).total_steps
         self._uncommitted = True

@@ -1,7 +1,7 @@
 """Local DP for *simulated* sites: a privacy factory with one ledger per site in the run dir.
 
 A deployed site takes its budget, delta and ledger from its own site configuration
-(:func:`consilia.client.site.config.load_deployed_site`). A simulated site has no such file,
+(:func:`consilia.client.site.assembly.load_deployed_site`). A simulated site has no such file,
 so :func:`simulated_privacy_factory` gives it the simulation's stand-ins:
 
 - budget: the run's ``dp.target_epsilon`` (lifetime cap = per-run request), delta: the run's
@@ -11,8 +11,9 @@ so :func:`simulated_privacy_factory` gives it the simulation's stand-ins:
   test or an operator can inspect or pre-fill it;
 - noise: *seeded* per (run seed, site, round) so simulations are reproducible. A deployed
   site never does this (its noise comes from OS entropy, see
-  :class:`~consilia.client.privacy.controller.PrivacyController`); each round still gets its own seed,
-  because re-using one noise stream in every round would correlate the noise across rounds.
+  :class:`~consilia.client.privacy.controller.PrivacyController`); each round still gets its
+  own seed, because re-using one noise stream in every round would correlate the noise
+  across rounds.
 
 Only ``dp.enabled`` with ``dp.mode == "local"`` creates a controller; central DP is the
 coordinator's (client-level clipping and noise on the aggregate) and needs nothing here.
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from consilia.client.site.policy import StatisticsRule
 from consilia.common.instructions import RoundInstruction
 
 if TYPE_CHECKING:  # opacus is imported only when a round asks for local DP
@@ -89,9 +91,9 @@ def simulated_privacy_factory(
                 "the run asks for local DP but the run config has no 'consilia-run-dir' for "
                 "the simulated sites' privacy ledgers; launch simulations with fl-sim"
             )
-        from consilia.client.privacy.ledger import PrivacyLedger
+        # imported here so that a simulation without local DP never loads opacus
         from consilia.client.privacy.controller import PrivacyController
-        from consilia.client.site.locator import StatisticsRule
+        from consilia.client.privacy.ledger import PrivacyLedger
 
         ledger = PrivacyLedger(sim_ledger_path(Path(run_dir), site_name))
         controller = PrivacyController(

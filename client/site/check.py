@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from consilia.client.site.config import SiteConfig, load_site_config
+from consilia.client.site.data_sources.config import DataSourceError
+from consilia.client.site.data_sources.loading import scan_site_data
 from consilia.common.config import ConfigError
 
 __all__ = [
@@ -194,6 +196,7 @@ def _check_state_dir(config: SiteConfig) -> tuple[str, str]:
         return FAIL, f"{state} is not writable ({exc})"
     ledger = config.ledger_path
     if ledger.exists():
+        # imported here: the ledger loads opacus, which --check needs only with a ledger
         from consilia.client.privacy.ledger import LedgerCorruptError, PrivacyLedger
 
         try:
@@ -215,8 +218,6 @@ def _class_names(config: SiteConfig) -> list[str] | None:
 
 
 def _check_data(config: SiteConfig, report: CheckReport, decode: bool) -> None:
-    from consilia.client.site.data_sources import DataSourceError, scan_site_data
-
     names = _class_names(config)
     if names is None:
         report.add("data", FAIL, "cannot tell which labels to expect: set 'class_names' in the "
@@ -245,7 +246,7 @@ def _check_data(config: SiteConfig, report: CheckReport, decode: bool) -> None:
 def _check_policy(config: SiteConfig, report: CheckReport) -> None:
     policy = config.policy
     if policy.allowed_models is not None:
-        from consilia.common.models import MODELS
+        from consilia.common.models import MODELS  # torch: only for a model allow-list
 
         unknown = [m for m in policy.allowed_models if m not in MODELS]
         if unknown:

@@ -1,32 +1,20 @@
-"""A hospital's own configuration (``fl-client --site site.yaml``) and its policy checks.
+"""A hospital's own configuration (``fl-client --site site.yaml``): the schema and its loader.
 
 The file belongs to the site: the coordinator never sees it. It names the site, how to reach
 the coordinator (address, CA certificate, the site's authentication key), where the data are
-(:data:`consilia.client.site.data_sources.DataSourceConfig`), how much of it to hold out locally,
-resource limits, a local state directory (logs, decoded-image cache, privacy ledger) and the
-**site policy**: which model architectures, how many rounds, whether differential privacy is
-required and how strong it must be, the site's lifetime privacy budget, and which app bundles
-(FABs) the site agrees to serve.
+(:data:`consilia.client.site.data_sources.config.DataSourceConfig`), how much of it to hold
+out locally, resource limits, a local state directory (logs, decoded-image cache, privacy
+ledger) and the **site policy**: which model architectures, how many rounds, whether
+differential privacy is required and how strong it must be, the site's lifetime privacy
+budget, and which app bundles (FABs) the site agrees to serve.
 
 Loading is strict (unknown keys are errors) and every error names the file and the field.
-Relative paths are resolved against the folder of the YAML file.
+Relative paths are resolved against the folder of the YAML file. Parse the file once per
+process, at its entry point (:func:`load_site_config`), and pass the :class:`SiteConfig` down.
+What the policy decides lives in :mod:`consilia.client.site.policy`; building the site's data
+and trainer in :mod:`consilia.client.site.assembly`.
 
-Policy decisions (documented for hospital IT):
-
-- A run whose model is not in ``policy.allowed_models`` or whose planned rounds exceed
-  ``policy.max_rounds`` is refused (:class:`SitePolicyViolation`; the reason reaches the
-  coordinator's log, the other sites carry on).
-- ``policy.dp.required``: the site trains only with local DP-SGD (Opacus). A run that asks
-  for local DP weaker than ``policy.dp.max_run_epsilon`` is refused ("DP too weak"). A run that
-  does not ask for local DP (DP off, or ``mode: central``, which does not protect data from the
-  coordinator) is, by default, trained with the **site's own DP** at ``max_run_epsilon``
-  (``policy.dp.when_not_requested: enforce``; the reply reports ``dp-enabled=1`` and the
-  epsilon); set ``when_not_requested: refuse`` to refuse such runs instead.
-- The site's lifetime budget ``policy.dp.budget_epsilon`` (per dataset, in the privacy ledger
-  of the state directory) caps every DP run; the coordinator cannot raise it.
-
-Importing this module is light (no torch); :func:`load_deployed_site` imports the trainer,
-the data loader and the privacy controller when it runs.
+Importing this module is light (no torch).
 
 Example (every optional field shown with its default, except where marked)::
 
@@ -78,28 +66,20 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
-import zlib
-from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from consilia.client.site.data_sources import DataSourceConfig
+from consilia.client.site.data_sources.config import DataSourceConfig
 from consilia.common.config import (
     ConfigError,
-    DPConfig,
     StrictModel,
     format_validation_error,
     load_config_file,
 )
 from consilia.common.flower.app_project import APP_PUBLISHER
-from consilia.common.instructions import RoundInstruction
-
-if TYPE_CHECKING:
-    from consilia.client.site.locator import StatisticsRule
 
 __all__ = [
     "APP_NAME",
@@ -110,17 +90,10 @@ __all__ = [
     "RuntimeSettings",
     "SiteConfig",
     "SitePolicy",
-    "SitePolicyViolation",
-    "statistics_rule_for",
     "ValidationSplit",
-    "check_policy",
     "default_approved_apps",
     "installed_version",
-    "load_deployed_site",
     "load_site_config",
-    "register_loader",
-    "site_dp_request",
-    "stratified_split",
 ]
 
 log = logging.getLogger("consilia.site")
@@ -131,21 +104,6 @@ APP_NAME = "consilia-run"
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _APP_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+==[A-Za-z0-9_.*+!-]+$")
-
-
-class SitePolicyViolation(RuntimeError):  # noqa: N818 (named by the design brief)
-    """The coordinator's run violates this site's policy; the site refuses it.
-
-    Attributes
-    ----------
-    reason : str
-        Plain-language reason (also the message), shown in the coordinator's log.
-
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def installed_version() -> str:
@@ -433,282 +391,3 @@ def load_site_config(path: str | Path) -> SiteConfig:
         raise ConfigError(format_validation_error(exc, f"site config {path}")) from None
     _resolve_paths(config, path.parent)
     return config
-
-
-# ---------------------------------------------------------------------------------------
-# Policy
-# ---------------------------------------------------------------------------------------
-
-
-def _requests_local_dp(instr: RoundInstruction) -> bool:
-    return bool(instr.dp.enabled and instr.dp.mode == "local")
-
-
-def check_policy(policy: SitePolicy, instr: RoundInstruction) -> None:
-    """Refuse an instruction that violates the site's policy.
-
-    Parameters
-    ----------
-    policy : SitePolicy
-        The site's rules.
-    instr : RoundInstruction
-        What the coordinator asks this round.
-
-    Raises
-    ------
-    SitePolicyViolation
-        With a reason naming the run's value and the site's limit.
-
-    """
-    model = instr.model.name
-    if policy.allowed_models is not None and model not in policy.allowed_models:
-        raise SitePolicyViolation(
-            f"model '{model}' is not allowed by this site's policy (allowed: "
-            f"{', '.join(policy.allowed_models) or 'none'})"
-        )
-    if instr.total_rounds > policy.max_rounds:
-        raise SitePolicyViolation(
-            f"the run plans {instr.total_rounds} rounds; this site takes part in at most "
-            f"{policy.max_rounds} rounds per run"
-        )
-    dp = policy.dp
-    if not dp.required:
-        return
-    if _requests_local_dp(instr):
-        if instr.dp.target_epsilon > dp.max_run_epsilon:
-            raise SitePolicyViolation(
-                f"differential privacy too weak: the run asks for ε={instr.dp.target_epsilon:g}; "
-                f"this site requires ε ≤ {dp.max_run_epsilon:g} per run"
-            )
-        return
-    if dp.when_not_requested == "refuse":
-        why = (
-            "central DP (dp.mode=central) does not protect the data from the coordinator"
-            if instr.dp.enabled
-            else "the run has DP disabled"
-        )
-        raise SitePolicyViolation(
-            f"this site requires local differential privacy (ε ≤ {dp.max_run_epsilon:g} per "
-            f"run) and {why}; enable dp with mode 'local'"
-        )
-
-
-def site_dp_request(policy: DPPolicy, instr: RoundInstruction) -> DPConfig | None:
-    """Return the DP this site applies to a round: the run's local DP, the site's own, or none.
-
-    The run's own request is used when it asks for local DP; when the site requires DP and the
-    run did not ask for it (and the policy enforces), the site's own DP at
-    ``max_run_epsilon`` is applied. The lifetime budget caps either (privacy controller).
-    """
-    if _requests_local_dp(instr):
-        return instr.dp
-    if policy.required and policy.when_not_requested == "enforce":
-        return DPConfig(
-            enabled=True,
-            mode="local",
-            target_epsilon=policy.max_run_epsilon,
-            target_delta=policy.delta,
-            max_grad_norm=policy.max_grad_norm,
-            accountant=policy.accountant,
-        )
-    return None
-
-
-# ---------------------------------------------------------------------------------------
-# The deployed site (used by the ClientApp through consilia.client.site.locator)
-# ---------------------------------------------------------------------------------------
-
-
-def stratified_split(labels: Any, fraction: float, seed: int) -> tuple[Any, Any]:
-    """Seeded per-class split of indices into (train, validation).
-
-    Each class with at least two images gives ``round(fraction * n)`` of them (at least one,
-    at most ``n - 1``) to validation; a class with a single image stays in training.
-
-    Returns
-    -------
-    tuple of numpy arrays
-        Sorted train and validation indices.
-
-    """
-    import numpy as np
-
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    val: list[int] = []
-    if fraction > 0:
-        for cls in np.unique(labels):
-            idx = np.flatnonzero(labels == cls)
-            if idx.size < 2:
-                continue
-            k = min(max(int(round(fraction * idx.size)), 1), idx.size - 1)
-            val.extend(rng.permutation(idx)[:k].tolist())
-    val_idx = np.array(sorted(val), dtype=np.int64)
-    train_idx = np.setdiff1d(np.arange(labels.size), val_idx)
-    return train_idx, val_idx
-
-
-def _site_index(name: str) -> int:
-    """Return a stable per-site integer for seeds (CRC32 of the name)."""
-    return zlib.crc32(name.encode()) % 100_000
-
-
-def _current_run_id(default: str) -> str:
-    """Flower's run id of the task being executed (set when a ClientApp pulls its task)."""
-    try:
-        from flwr.supercore.task_identity import TaskIdentity
-
-        run_id = getattr(TaskIdentity, "run_id", None)
-    except ImportError:  # pragma: no cover
-        run_id = None
-    return str(run_id) if run_id else default
-
-
-def load_deployed_site(path: Path, instr: RoundInstruction, run_id: int | str | None = None):
-    """Build the :class:`~consilia.client.site.locator.SiteRuntime` of a deployed site.
-
-    Checks the policy first (a refused run never touches the data), loads the data through
-    the state directory's cache, splits the local validation fraction (stratified, seeded),
-    and builds a trainer with the site's thread and batch-size limits and a privacy factory
-    that accounts in the site's ledger.
-
-    Parameters
-    ----------
-    path : Path
-        The site YAML (``node_config["site-config"]``).
-    instr : RoundInstruction
-        The first instruction of the run (task geometry and label space).
-    run_id : int or str, optional
-        Flower's run id (ledger key of the run's calibration); default: the run id of the task
-        being executed, else the run name.
-
-    Raises
-    ------
-    SitePolicyViolation
-        If the run violates the site's policy.
-    ValueError
-        If the site has no usable image for this task.
-
-    """
-    from consilia.client.site.data_sources import load_site_data
-    from consilia.client.site.locator import SiteRuntime
-    from consilia.client.trainer import ImageData
-
-    config = load_site_config(path)
-    check_policy(config.policy, instr)
-    task = instr.task
-    dataset, report = load_site_data(
-        config.data, list(task.class_names), task.in_channels, task.image_size,
-        cache_dir=config.cache_dir, progress=False,
-    )
-    log.info("site %s: %s", config.name, report.to_text().replace("\n", "\n  "))
-    if len(dataset) == 0:
-        raise ValueError(
-            f"site '{config.name}' has no usable image for classes {task.class_names} "
-            f"({config.data.describe()}); run fl-client --check"
-        )
-    train_idx, val_idx = stratified_split(
-        dataset.labels, config.validation.fraction, config.validation.seed
-    )
-    train = ImageData(dataset.images[train_idx], dataset.labels[train_idx])
-    val = ImageData(dataset.images[val_idx], dataset.labels[val_idx]) if val_idx.size else None
-    fixed_run_id = None if run_id is None else str(run_id)
-
-    def privacy_factory(round_instr: RoundInstruction, n_train: int):
-        dp = site_dp_request(config.policy.dp, round_instr)
-        if dp is None:
-            return None
-        from consilia.client.privacy.ledger import PrivacyLedger
-        from consilia.client.privacy.controller import PrivacyController
-
-        statistics = config.policy.feature_statistics
-        controller = PrivacyController(
-            dp,
-            budget_epsilon=config.policy.dp.budget_epsilon,
-            budget_delta=config.policy.dp.delta,
-            ledger=PrivacyLedger(config.ledger_path),
-            dataset_key=config.dataset_key,
-            model_name=round_instr.model.name,
-            release_noise_multiplier=statistics.dp_noise_multiplier
-            if round_instr.calibration and statistics.share else None,
-        )
-        rid = fixed_run_id or _current_run_id(round_instr.run_name)
-        return controller.bind_round(rid, round_instr.server_round, round_instr.total_rounds)
-
-    trainer = _capped_trainer(config, train, val, privacy_factory)
-    log.info(
-        "site %s ready: %d training / %d validation images (classes %s)",
-        config.name, len(train), 0 if val is None else len(val), ", ".join(task.class_names),
-    )
-
-    def current_policy(round_instr: RoundInstruction) -> None:
-        # Re-read the file: a hospital tightening its policy takes effect at the next round.
-        check_policy(load_site_config(path).policy, round_instr)
-
-    def statistics_rule() -> StatisticsRule:
-        return statistics_rule_for(load_site_config(path).policy)
-
-    return SiteRuntime(name=config.name, trainer=trainer, check_policy=current_policy,
-                       statistics_rule=statistics_rule)
-
-
-def statistics_rule_for(policy: SitePolicy) -> StatisticsRule:
-    """Translate the site's policy into its answer to a feature-statistics request."""
-    from consilia.client.site.locator import StatisticsRule
-
-    rule = policy.feature_statistics
-    if not rule.share:
-        return StatisticsRule(False, rule.min_class_count, "this site's policy does not share "
-                              "feature statistics (policy.feature_statistics.share: false)",
-                              None)
-    if policy.dp.required and rule.dp_noise_multiplier is None:
-        return StatisticsRule(False, rule.min_class_count, "this site trains with local DP "
-                              "(policy.dp.required) and sends no noised feature statistics "
-                              "(policy.feature_statistics.dp_noise_multiplier: null)", None)
-    return StatisticsRule(True, rule.min_class_count, "", rule.dp_noise_multiplier)
-
-
-def _capped_trainer(config: SiteConfig, train, val, privacy_factory):
-    """Build a SiteTrainer whose training batch size never exceeds the site's limit."""
-    from consilia.client.trainer import SiteTrainer
-
-    limit = config.resources.max_batch_size
-
-    class CappedSiteTrainer(SiteTrainer):
-        """SiteTrainer honouring ``resources.max_batch_size`` (and DP's physical batch)."""
-
-        def fit(self, state, instr):  # noqa: D102 - documented on SiteTrainer
-            return super().fit(state, _cap_batch(instr, limit))
-
-        def evaluate(self, state, instr):  # noqa: D102
-            return super().evaluate(state, _cap_batch(instr, limit))
-
-    return CappedSiteTrainer(
-        config.name, train, val, site_index=_site_index(config.name),
-        threads=config.resources.threads, privacy_factory=privacy_factory,
-    )
-
-
-def _cap_batch(instr: RoundInstruction, limit: int) -> RoundInstruction:
-    train, dp = instr.train, instr.dp
-    if train.batch_size > limit:
-        log.info("batch size %d capped to the site's limit %d", train.batch_size, limit)
-        train = train.model_copy(update={"batch_size": limit})
-    if dp.max_physical_batch_size > limit:
-        dp = dp.model_copy(update={"max_physical_batch_size": limit})
-    if train is instr.train and dp is instr.dp:
-        return instr
-    return replace(instr, train=train, dp=dp)
-
-
-def register_loader() -> None:
-    """Install :func:`load_deployed_site` as the ClientApp's deployed-site loader."""
-    from consilia.client.site.locator import register_deployed_site_loader
-
-    register_deployed_site_loader(load_deployed_site)
-
-
-# consilia.client.site.locator imports this module lazily when a node has a 'site-config':
-# register then, without importing torch into light processes (fl-client's supervisor).
-if "consilia.client.site.locator" in sys.modules:
-    register_loader()

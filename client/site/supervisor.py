@@ -2,9 +2,10 @@
 
 Two child processes, both started here and restarted with exponential back-off when they end:
 
-- the Flower SuperNode (``flower-supernode`` through :mod:`consilia.common.flower.supernode_launch`),
-  which connects **outbound** to the coordinator over TLS with the site's key; its runtime API
-  listens on 127.0.0.1 only, so nothing at the hospital accepts connections from outside;
+- the Flower SuperNode (``flower-supernode`` through
+  :mod:`consilia.common.flower.supernode_launch`), which connects **outbound** to the
+  coordinator over TLS with the site's key; its runtime API listens on 127.0.0.1 only, so
+  nothing at the hospital accepts connections from outside;
 - with ``runtime.isolation: process`` (default), the site's long-lived ClientApp process
   (:mod:`consilia.client.site.worker`), which runs only the installed Consilia code for
   approved app bundles. A shared secret in the state directory lets only it take tasks.
@@ -35,8 +36,8 @@ from typing import IO
 
 from consilia.client.site.check import TLSProbeError, check_auth_key, probe_tls
 from consilia.client.site.config import SiteConfig
-from consilia.common.constants import NodeConfigKey
 from consilia.common.child_env import child_env as process_env
+from consilia.common.constants import NodeConfigKey
 
 __all__ = ["Backoff", "SiteSupervisor", "explain_supernode_exit"]
 
@@ -67,12 +68,9 @@ def explain_supernode_exit(code: int) -> str:
         return _EXIT_HELP[code]
     if code < 0:
         return f"killed by signal {-code}"
-    try:
-        from flwr.supercore.exit.exit_code import EXIT_CODE_HELP, ExitCode
+    from consilia.common.flower.exit_codes import flower_exit_code_help
 
-        return EXIT_CODE_HELP.get(ExitCode(code), "") or "see supernode.log"
-    except (ImportError, ValueError):
-        return "see supernode.log"
+    return flower_exit_code_help(code) or "see supernode.log"
 
 
 class Backoff:

@@ -17,7 +17,8 @@ lets it import whatever ClientApp the run's app bundle names; this process inste
   in ``<state_dir>/logs/rounds.jsonl``).
 
 It uses the same Flower 1.42 runtime calls as ``flwr-clientapp`` (``pull_task_input``,
-``push_message``, ``push_task_output``) and ``flower-superexec`` (``AcquireTask``).
+``push_message``, ``push_task_output``) and ``flower-superexec`` (``AcquireTask``), all
+behind :mod:`consilia.common.flower.clientapp_process`.
 """
 
 from __future__ import annotations
@@ -31,20 +32,30 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from consilia.client.site.app_approval import AppNotApproved, check_app_approved, identity_from_fab
-from consilia.client.site.config import SiteConfig, SitePolicyViolation, load_site_config
+from consilia.client.site.config import SiteConfig, load_site_config
+from consilia.client.site.policy import SitePolicyViolation
 from consilia.common.config import ConfigError
 from consilia.common.constants import ConfigKey, MessageKey
+from consilia.common.flower.clientapp_process import (
+    TaskAcquirer,
+    TaskChannel,
+    failure_reply,
+    refusal_reply,
+    stop_with_parent,
+)
+from consilia.common.logs import SITE, setup_logging
+
+if TYPE_CHECKING:  # the locator module loads torch; the worker imports it in load_app
+    from consilia.client.site.locator import SiteLocator
 
 __all__ = ["SiteWorker", "TaskOutcome", "main", "setup_site_logging"]
 
 log = logging.getLogger("consilia.site")
-
-#: Runtime API methods the shared secret protects (as in ``flower-superexec``).
-_AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
 
 
 @dataclass
@@ -84,19 +95,7 @@ class TaskOutcome:
 
 def setup_site_logging(config: SiteConfig, verbose: bool = False) -> None:
     """Log ``consilia`` messages to stdout and ``<state_dir>/logs/site.log``."""
-    config.log_dir.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    logger = logging.getLogger("consilia")
-    logger.handlers.clear()
-    for handler in (
-        logging.StreamHandler(sys.stdout),
-        logging.FileHandler(config.log_dir / "site.log", encoding="utf-8"),
-    ):
-        handler.setFormatter(fmt)
-        logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False
-    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    setup_logging(verbose, config.log_dir / "site.log", SITE, quiet_flower=True)
 
 
 def _refusal_text(site: str, exc: BaseException) -> str:
@@ -132,6 +131,8 @@ class SiteWorker:
         going on and its next message is due soon); default ``poll_interval_s``.
     active_window_s : float
         How long after a task the worker keeps the active pace.
+    config : SiteConfig, optional
+        The configuration already read from ``config_path`` (default: read it here).
 
     """
 
@@ -143,9 +144,10 @@ class SiteWorker:
         poll_interval_s: float = 0.2,
         active_poll_interval_s: float | None = None,
         active_window_s: float = 60.0,
+        config: SiteConfig | None = None,
     ) -> None:
         self.config_path = Path(config_path)
-        self.config = load_site_config(self.config_path)
+        self.config = config if config is not None else load_site_config(self.config_path)
         self.address = runtime_api_address
         self.secret = secret
         self.poll_interval_s = poll_interval_s
@@ -157,6 +159,7 @@ class SiteWorker:
         self._last_task = float("-inf")
         self.stop_event = threading.Event()
         self._app: Any = None
+        self._locator: SiteLocator | None = None
         self._runs_seen: list[int] = []
 
     # -- set-up ---------------------------------------------------------------------------
@@ -165,62 +168,33 @@ class SiteWorker:
         """Import the installed Consilia ClientApp once (torch and friends load here)."""
         if self._app is None:
             start = time.perf_counter()
-            from consilia.client import site_config
-            from consilia.client.app import app
+            # imported here, not at the top: torch and friends load once the worker runs
+            from consilia.client.app import build_client_app
+            from consilia.client.site.assembly import load_deployed_site
+            from consilia.client.site.locator import SiteLocator
 
-            site_config.register_loader()
-            self._app = app
+            # the deployed site reads the configuration this worker re-reads once per task
+            self._locator = SiteLocator(deployed_loader=partial(
+                load_deployed_site, config_source=lambda: self.config))
+            self._app = build_client_app(self._locator)
             log.info("Consilia ClientApp loaded in %.1f s", time.perf_counter() - start)
         return self._app
-
-    def _client(self, token: str | None):
-        from flwr.supercore.interceptors import (
-            RuntimeTokenHttpInterceptor,
-            RuntimeVersionHttpInterceptor,
-            SuperExecAuthHttpInterceptor,
-        )
-        from flwr.supercore.runtime import RuntimeHttpClient
-
-        if token is None:
-            interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
-            if self.secret:
-                interceptors.append(
-                    SuperExecAuthHttpInterceptor(
-                        master_secret=self.secret, protected_methods=_AUTH_METHODS
-                    )
-                )
-            retry = None  # the acquire loop backs off itself and stays responsive to stop
-        else:
-            interceptors = [
-                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                RuntimeTokenHttpInterceptor(token),
-            ]
-            retry = _task_retry_invoker()
-        return RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=True, root_certificates=None,
-            interceptors=interceptors, retry_invoker=retry,
-        )
 
     # -- main loop ------------------------------------------------------------------------
 
     def run(self) -> None:
         """Ask for tasks until :attr:`stop_event` is set (back off while the SuperNode is away)."""
         import httpx
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest
-        from flwr.supercore.constant import TaskType
 
         self.load_app()
-        acquire = self._client(None)
-        request = AcquireTaskRequest(
-            supported_task_types=[TaskType.CLIENT_APP.value], agentapp_fab_hashes=[]
-        )
+        acquire = TaskAcquirer(self.address, self.secret)
         backoff, connected = 0.5, False
         log.info("site %s: waiting for tasks from the SuperNode at %s",
                  self.config.name, self.address)
         try:
             while not self.stop_event.is_set():
                 try:
-                    res = acquire.AcquireTask(request)
+                    token = acquire.acquire()
                 except httpx.HTTPError as exc:
                     if connected:
                         log.warning("SuperNode runtime API unavailable (%s); retrying", exc)
@@ -231,8 +205,8 @@ class SiteWorker:
                 if not connected:
                     log.debug("connected to the SuperNode runtime API at %s", self.address)
                 connected, backoff = True, 0.5
-                if res.HasField("task") and res.token:
-                    self.execute(res.token)
+                if token is not None:
+                    self.execute(token)
                     self._last_task = time.monotonic()
                     continue
                 self.stop_event.wait(self.current_poll_interval())
@@ -255,55 +229,45 @@ class SiteWorker:
 
     def execute(self, token: str) -> TaskOutcome:
         """Run one task: approve the bundle, run the installed app, push the reply."""
-        from flwr.app import Error, Message
-        from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender
-        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
-
         start = time.perf_counter()
         self._reload_config()
         name = self.config.name
-        client = self._client(token)
-        cancelled = threading.Event()
-        heartbeat = HeartbeatSender(_heartbeat_fn(client, cancelled))
-        heartbeat.start()
+        channel = TaskChannel(self.address, token)
         timing: dict[str, float] = {}
         message = context = reply = None
         outcome = TaskOutcome(0, "", "", "failed", 0.0)
-        sub_status, details = SubStatus.FAILED, "task failed before it started"
+        completed, details = False, "task failed before it started"
         try:
-            message, context, run, fab = _pull_task_input(client)
+            task = channel.pull()
+            message, context = task.message, task.context
             timing["pull"] = time.perf_counter() - start
-            outcome.run_id = run.run_id
+            outcome.run_id = task.run_id
             outcome.server_round = _round_of(message)
             outcome.message_type = message.metadata.message_type
             try:
-                identity = identity_from_fab(fab.content, fab.hash_str)
+                identity = identity_from_fab(task.fab_content, task.fab_hash)
                 outcome.app = identity.describe()
                 check_app_approved(self.config.policy.approved_apps, identity, name)
             except AppNotApproved as exc:
                 reason = _refusal_text(name, exc)
-                reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message)
+                reply = refusal_reply(message, reason)
                 outcome.status, outcome.reason, details = "refused", reason, reason
             else:
                 if identity.code_files:
                     log.debug("bundle carries %s (never imported here)", identity.code_files)
-                self._note_run(run.run_id)
+                self._note_run(task.run_id)
                 app_start = time.perf_counter()
                 try:
                     reply = self.load_app()(message=message, context=context)
-                    sub_status, details, outcome.status = SubStatus.COMPLETED, "", "ok"
+                    completed, details, outcome.status = True, "", "ok"
                     outcome.metrics = _metrics_of(reply)
                     outcome.evaluation = _metrics_of(reply, MessageKey.EVALUATION.value)
                 except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
                     refused = _is_refusal(exc)
                     reason = _refusal_text(name, exc) if refused else _failure_text(name, exc)
                     if not refused:
-                        log.exception("task of run %s failed", run.run_id)
-                    reply = Message(
-                        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                        reply_to=message,
-                    )
+                        log.exception("task of run %s failed", task.run_id)
+                    reply = failure_reply(message, reason)
                     outcome.status = "refused" if refused else "failed"
                     outcome.reason = details = reason
                 timing["app"] = time.perf_counter() - app_start
@@ -313,17 +277,15 @@ class SiteWorker:
         finally:
             push_start = time.perf_counter()
             try:
-                if cancelled.is_set():
+                if channel.cancelled:
                     log.warning("the SuperNode cancelled this task (run stopped or expired)")
                 if reply is not None and context is not None:
-                    push_message(client, reply, context)
-                push_task_output(client, context, sub_status, details)
+                    channel.push_reply(reply, context)
+                channel.finish(context, completed, details)
             except Exception:  # noqa: BLE001
                 log.exception("could not hand the reply to the SuperNode")
             finally:
-                if heartbeat.is_running:
-                    heartbeat.stop()
-                client.close()
+                channel.close()
             timing["push"] = time.perf_counter() - push_start
         outcome.seconds = time.perf_counter() - start
         outcome.timing = {k: round(v, 3) for k, v in timing.items()}
@@ -335,9 +297,8 @@ class SiteWorker:
         if run_id in self._runs_seen:
             return
         self._runs_seen = [*self._runs_seen[-1:], run_id]
-        from consilia.client import site_runtime
-
-        site_runtime.forget_runs(set(self._runs_seen))
+        if self._locator is not None:
+            self._locator.forget_runs(set(self._runs_seen))
 
     def _log_outcome(self, outcome: TaskOutcome) -> None:
         where = f"run {outcome.run_id} round {outcome.server_round or '?'} {outcome.message_type}"
@@ -361,90 +322,6 @@ class SiteWorker:
                 handle.write(outcome.to_json() + "\n")
         except OSError as exc:
             log.error("cannot write %s: %s", self.config.rounds_log, exc)
-
-
-def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
-    """Flower's ``pull_task_input`` with a 50 ms first retry instead of 1 s.
-
-    The SuperNode offers a task before it has fetched the message's objects from the
-    coordinator; Flower's default back-off then waits a full second for a small model.
-    """
-    from flwr.app import Message
-    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-    from flwr.proto.node_pb2 import Node
-    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_confirm_message_received_fn_protobuf,
-        make_pull_object_fn_protobuf,
-    )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.task_identity import TaskIdentity
-
-    res = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id = res.task_id
-    TaskIdentity.run_id = res.run.run_id
-    TaskIdentity.node_id = res.context.node_id
-    context = context_from_proto(res.context)
-    run = run_from_proto(res.run)
-    fab = fab_from_proto(res.fab)
-    pulled = client.PullMessages(PullAppMessagesRequest())
-    if not pulled.messages_list:
-        raise RuntimeError("no message received from the SuperNode's runtime API")
-    node = Node(node_id=context.node_id)
-    tree = pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(
-            client.ConfirmMessageReceived, node, context.run_id
-        ),
-        return_type=Message,
-        initial_backoff=0.05,
-        backoff_cap=0.2,
-    )
-    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's own pull does
-    return message, context, run, fab
-
-
-def _task_retry_invoker():
-    """Retry transient Runtime API trouble for a minute (never signal the process)."""
-    import httpx
-    from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
-
-    def giveup(exc: Exception) -> bool:
-        if isinstance(exc, httpx.HTTPStatusError):
-            return exc.response.status_code not in {502, 503, 504}
-        return not isinstance(exc, httpx.TransportError)
-
-    return RetryInvoker(
-        wait_gen_factory=lambda: exponential(max_delay=10),
-        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
-        max_tries=None, max_time=60.0, should_giveup=giveup,
-    )
-
-
-def _heartbeat_fn(client: Any, cancelled: threading.Event):
-    """Task heartbeat that flags a cancelled task instead of signalling the process."""
-    import httpx
-    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
-
-    request = SendTaskHeartbeatRequest()
-
-    def beat() -> bool:
-        try:
-            res = client.SendTaskHeartbeat(request)
-        except httpx.TransportError:
-            return False
-        except httpx.HTTPStatusError as err:
-            if err.response.status_code in {503, 504}:
-                return False
-            cancelled.set()
-            return True
-        if not res.success:
-            cancelled.set()
-        return True
-
-    return beat
 
 
 def _round_of(message: Any) -> str:
@@ -486,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     secret = args.secret_file.read_bytes() if args.secret_file else None
     worker = SiteWorker(
         args.site, args.runtime_api_address, secret, config.runtime.task_poll_interval_s,
-        config.runtime.active_poll_interval_s, config.runtime.active_window_s,
+        config.runtime.active_poll_interval_s, config.runtime.active_window_s, config=config,
     )
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -496,9 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     if args.parent_pid is not None:
-        from flwr.supercore.app_utils import start_parent_process_monitor
-
-        start_parent_process_monitor(args.parent_pid)  # raises SIGINT here when fl-client dies
+        stop_with_parent(args.parent_pid)  # raises SIGINT here when fl-client dies
     worker.run()
     return 0
 

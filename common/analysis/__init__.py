@@ -1,1 +1,3 @@
-"""common/analysis."""
+"""Tools that read finished runs: ``fl-report`` and ``fl-predict``."""
+
+__all__: list[str] = []

@@ -180,7 +180,7 @@ def _safe_get(ds: Dataset, keyword: str) -> Any:
         return None
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
+def _first_line(exc: BaseException | str, limit: int = 200) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -208,6 +208,7 @@ def _read_dataset(path: Path) -> Dataset:
         # pydicom returns an EMPTY dataset (only a warning) when the file ends inside an
         # encapsulated Pixel Data element; tell that apart from a file that is not DICOM.
         warned = "; ".join(_first_line(w.message) for w in caught).replace(str(path), path.name)
+        header: Dataset
         try:
             header = pydicom.dcmread(path, force=True, stop_before_pixels=True)
         except Exception:
@@ -268,7 +269,7 @@ def _check_image_header(ds: Dataset, path: Path) -> dict[str, Any]:
     ts = _transfer_syntax(ds)
     meta["TransferSyntaxUID"] = str(ts) if ts else None
     meta["TransferSyntax"] = ts.name if ts else None
-    frames = meta.get("NumberOfFrames")
+    frames: Any = meta.get("NumberOfFrames")
     try:
         meta["NumberOfFrames"] = max(int(frames), 1) if frames not in (None, "") else 1
     except (TypeError, ValueError):

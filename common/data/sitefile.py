@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from consilia.common.data.datasets.base import ImageSplit
+from consilia.common.data.images import ImageData
 
 __all__ = ["SITE_NPZ_KEYS", "load_site_npz", "save_site_npz"]
 
@@ -23,8 +24,8 @@ SITE_NPZ_KEYS = ("train_images", "train_labels", "val_images", "val_labels", "cl
 
 def save_site_npz(
     path: Path,
-    train: ImageSplit,
-    val: ImageSplit,
+    train: ImageData,
+    val: ImageData,
     class_names: list[str],
     **extra: np.ndarray,
 ) -> Path:
@@ -34,7 +35,7 @@ def save_site_npz(
     ----------
     path : Path
         Target file, e.g. ``out/sites/site-00.npz``; parent folders are created.
-    train, val : ImageSplit
+    train, val : ImageData
         The site's training and held-out validation data.
     class_names : list of str
         The federation's label space (every site stores all of it).
@@ -50,20 +51,20 @@ def save_site_npz(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(
-        tmp,
-        train_images=train.images,
-        train_labels=train.labels,
-        val_images=val.images,
-        val_labels=val.labels,
-        class_names=np.asarray(class_names, dtype=str),
+    arrays: dict[str, Any] = {
+        "train_images": train.images,
+        "train_labels": train.labels,
+        "val_images": val.images,
+        "val_labels": val.labels,
+        "class_names": np.asarray(class_names, dtype=str),
         **extra,
-    )
+    }
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
     return path
 
 
-def load_site_npz(path: Path) -> tuple[ImageSplit, ImageSplit, list[str]]:
+def load_site_npz(path: Path) -> tuple[ImageData, ImageData, list[str]]:
     """Read a site file written by :func:`save_site_npz`.
 
     Returns
@@ -90,8 +91,8 @@ def load_site_npz(path: Path) -> tuple[ImageSplit, ImageSplit, list[str]]:
         if missing:
             raise ValueError(f"{path}: missing key(s) {missing}; expected {list(SITE_NPZ_KEYS)}")
         try:
-            train = ImageSplit(data["train_images"], data["train_labels"])
-            val = ImageSplit(data["val_images"], data["val_labels"])
+            train = ImageData(data["train_images"], data["train_labels"])
+            val = ImageData(data["val_images"], data["val_labels"])
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
         class_names = [str(c) for c in data["class_names"].tolist()]

@@ -1,4 +1,4 @@
-"""Image pipelines (MONAI array transforms), in-memory datasets and seeded loaders.
+"""Image pipelines (MONAI array transforms): resize, augmentation and preprocessing.
 
 Every pipeline maps one float32 tensor ``(C, H, W)`` with values in ``[0, 1]`` to a float32
 tensor ``(C, H', W')`` (``H' = W' = image_size`` when a size is given). Order of operations:
@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from monai.transforms import (
     RandFlip,
     RandGaussianNoise,
     Randomizable,
+    RandomizableTransform,
     RandRotate,
     RandZoom,
     Resize,
@@ -49,22 +51,23 @@ from monai.transforms import (
     Transform,
 )
 from monai.utils import MAX_SEED
-from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from consilia.common.config import AugmentationConfig, PreprocessConfig
 
 __all__ = [
-    "ImageArrayDataset",
     "EdgeSafeGaussianSmooth",
     "ImagePipeline",
+    "ImageTransform",
     "LowFrequencyBiasCorrection",
     "build_eval_transform",
     "build_train_transform",
     "identity",
-    "make_loader",
 ]
 
+#: A per-image transform on float32 ``(C, H, W)`` tensors.
 ImageTransform = Callable[[torch.Tensor], torch.Tensor]
+#: One step of a pipeline (MONAI array transforms are typed to return arrays or tensors).
+PipelineStep = Callable[..., Any]
 
 #: Elastic deformation: control-point spacing and displacement magnitude (pixels), as
 #: fractions of the image side (64 px: spacing 16 px, displacement std 0.6-1.9 px).
@@ -92,9 +95,9 @@ class _SizeAware(Randomizable):
     cached per size and all share this wrapper's random state (so seeding stays exact).
     """
 
-    def __init__(self, factory: Callable[[int, int], Randomizable]) -> None:
+    def __init__(self, factory: Callable[[int, int], RandomizableTransform]) -> None:
         self.factory = factory
-        self._cache: dict[tuple[int, int], Randomizable] = {}
+        self._cache: dict[tuple[int, int], RandomizableTransform] = {}
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         size = (int(image.shape[-2]), int(image.shape[-1]))
@@ -106,13 +109,13 @@ class _SizeAware(Randomizable):
         return transform(image)
 
 
-def _make_shift(prob: float, shift: float, height: int, width: int) -> Randomizable:
+def _make_shift(prob: float, shift: float, height: int, width: int) -> RandomizableTransform:
     return RandAffine(
         prob=prob, translate_range=(shift * height, shift * width), padding_mode="border"
     )
 
 
-def _make_elastic(prob: float, height: int, width: int) -> Randomizable:
+def _make_elastic(prob: float, height: int, width: int) -> RandomizableTransform:
     side = min(height, width)
     spacing = max(4.0, ELASTIC_SPACING_FRACTION * side)
     low, high = (f * side for f in ELASTIC_MAGNITUDE_FRACTION)
@@ -241,7 +244,7 @@ class ImagePipeline(Randomizable):
     """
 
     def __init__(
-        self, transforms: Sequence[Callable[..., torch.Tensor]], deterministic: bool = False
+        self, transforms: Sequence[PipelineStep], deterministic: bool = False
     ) -> None:
         self.compose = Compose(list(transforms))
         self.deterministic = deterministic
@@ -297,7 +300,7 @@ class _ResizeSquare:
         return self._enlarge(image)
 
 
-def _resize(image_size: int | None) -> list[Callable[..., torch.Tensor]]:
+def _resize(image_size: int | None) -> list[PipelineStep]:
     if image_size is None:
         return []
     if image_size < 1:
@@ -305,8 +308,8 @@ def _resize(image_size: int | None) -> list[Callable[..., torch.Tensor]]:
     return [_ResizeSquare(image_size)]
 
 
-def _preprocess(pre: PreprocessConfig) -> list[Callable[..., torch.Tensor]]:
-    steps: list[Callable[..., torch.Tensor]] = []
+def _preprocess(pre: PreprocessConfig) -> list[PipelineStep]:
+    steps: list[PipelineStep] = []
     if pre.bias_field_correction:
         steps.append(LowFrequencyBiasCorrection())
     if pre.smooth_sigma > 0:
@@ -320,7 +323,7 @@ def _preprocess(pre: PreprocessConfig) -> list[Callable[..., torch.Tensor]]:
     return steps
 
 
-def _augmentations(aug: AugmentationConfig) -> list[Callable[..., torch.Tensor]]:
+def _augmentations(aug: AugmentationConfig) -> list[PipelineStep]:
     if not aug.enabled or aug.prob == 0:
         return []
     low, high = aug.contrast_gamma
@@ -330,7 +333,7 @@ def _augmentations(aug: AugmentationConfig) -> list[Callable[..., torch.Tensor]]
             "(e.g. [0.8, 1.2]; [1, 1] disables it)"
         )
     p = aug.prob
-    spatial: list[Callable[..., torch.Tensor]] = []
+    spatial: list[PipelineStep] = []
     if aug.flip:
         spatial.append(RandFlip(prob=p, spatial_axis=1))
     if aug.rotate_degrees > 0:
@@ -351,7 +354,7 @@ def _augmentations(aug: AugmentationConfig) -> list[Callable[..., torch.Tensor]]
         spatial.append(_SizeAware(partial(_make_shift, p, aug.shift)))
     if aug.elastic:
         spatial.append(_SizeAware(partial(_make_elastic, p)))
-    intensity: list[Callable[..., torch.Tensor]] = []
+    intensity: list[PipelineStep] = []
     if aug.bias_field:
         intensity.append(
             RandBiasField(degree=BIAS_FIELD_DEGREE, coeff_range=BIAS_FIELD_COEFF_RANGE, prob=p)
@@ -421,123 +424,3 @@ def build_eval_transform(pre: PreprocessConfig, image_size: int | None) -> Image
     if not steps:
         return identity
     return ImagePipeline(steps, deterministic=True)
-
-
-class ImageArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Images and labels held in memory as arrays.
-
-    Parameters
-    ----------
-    images : np.ndarray
-        ``uint8`` array ``(N, C, H, W)``.
-    labels : np.ndarray
-        Integer class indices ``(N,)`` (stored as ``int64``).
-    transform : callable, optional
-        Applied to each float32 ``(C, H, W)`` image in ``[0, 1]``. Fast paths: without a
-        transform (or with :func:`identity`) the whole array is converted to a float tensor
-        once and items are plain tensor views; a deterministic :class:`ImagePipeline`
-        (no augmentation) is applied once to every image here and cached the same way.
-        Only random pipelines run per sample.
-
-    Raises
-    ------
-    ValueError
-        On wrong dtypes, ranks or mismatched lengths.
-
-    """
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        transform: ImageTransform | None = None,
-    ) -> None:
-        images = np.asarray(images)
-        labels = np.asarray(labels)
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(
-                f"ImageArrayDataset: images must be uint8 (N, C, H, W), got {images.dtype} "
-                f"{images.shape}; convert with (x * 255).round().astype(np.uint8) and add the "
-                "channel axis"
-            )
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(
-                f"ImageArrayDataset: labels must be integer class indices (N,), got "
-                f"{labels.dtype} {labels.shape}"
-            )
-        if len(labels) != len(images):
-            raise ValueError(f"ImageArrayDataset: {len(images)} images but {len(labels)} labels")
-        self.images = images
-        self.labels: np.ndarray = labels.astype(np.int64, copy=False)
-        self.transform = None if transform is identity else transform
-        self._labels_t = torch.tensor(self.labels, dtype=torch.int64)
-        self._float: torch.Tensor | None = None
-        if self.transform is None or getattr(self.transform, "deterministic", False):
-            self._float = torch.tensor(images, dtype=torch.float32).div_(255.0)
-            if self.transform is not None and len(images):
-                self._float = torch.stack([self.transform(x) for x in self._float])
-
-    def __len__(self) -> int:
-        """Return the number of samples."""
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(image float32 (C, H, W), label int64 scalar)``."""
-        if self._float is not None:
-            return self._float[index], self._labels_t[index]
-        image = torch.tensor(self.images[index], dtype=torch.float32).div_(255.0)
-        assert self.transform is not None
-        return self.transform(image), self._labels_t[index]
-
-
-def _seed_worker(worker_id: int) -> None:
-    """Give each loader worker its own augmentation stream (derived from the loader seed)."""
-    info = get_worker_info()
-    if info is None:
-        return
-    dataset = info.dataset
-    while not hasattr(dataset, "transform") and hasattr(dataset, "dataset"):
-        dataset = dataset.dataset  # e.g. torch.utils.data.Subset
-    transform = getattr(dataset, "transform", None)
-    if isinstance(transform, Randomizable):
-        transform.set_random_state(seed=info.seed % MAX_SEED)
-
-
-def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0
-) -> DataLoader:
-    """Build a :class:`~torch.utils.data.DataLoader` whose shuffling is reproducible.
-
-    Parameters
-    ----------
-    dataset : Dataset
-        Map-style dataset (e.g. :class:`ImageArrayDataset`).
-    batch_size : int
-        Samples per batch (>= 1).
-    shuffle : bool
-        Reshuffle every epoch (the order depends only on ``seed`` and the epoch).
-    seed : int
-        Seeds the loader's own ``torch.Generator``; with workers, each worker's augmentation
-        stream is reseeded from it too.
-    num_workers : int
-        Loader worker processes (0 = load in the calling process).
-
-    Returns
-    -------
-    DataLoader
-
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    generator = torch.Generator()
-    generator.manual_seed(int(seed))
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        generator=generator,
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
-    )

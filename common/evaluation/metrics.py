@@ -34,7 +34,16 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-__all__ = ["ClassMetrics", "ClassificationMetrics", "compute_metrics", "softmax_probs"]
+__all__ = [
+    "METRIC_NAMES",
+    "ClassMetrics",
+    "ClassificationMetrics",
+    "check_labels_probs",
+    "compute_metrics",
+    "macro_auc",
+    "point_metrics",
+    "softmax_probs",
+]
 
 HEADLINE_KEYS = ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity")
 
@@ -287,3 +296,82 @@ def softmax_probs(logits: torch.Tensor) -> np.ndarray:
     if logits.ndim != 2:
         raise ValueError(f"softmax_probs: logits must be (N, C), got {tuple(logits.shape)}")
     return torch.softmax(logits.detach().to("cpu", torch.float64), dim=1).numpy()
+
+
+# ---------------------------------------------------------------------------------------
+# Point metrics on plain arrays (the clinical evaluation's entry points)
+# ---------------------------------------------------------------------------------------
+
+#: Metrics reported by the clinical evaluation (same names as ``ClassificationMetrics.headline``).
+METRIC_NAMES = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
+
+
+def check_labels_probs(y_true: Any, y_prob: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and return ``(y_true int64 (N,), y_prob float64 (N, C))``.
+
+    Parameters
+    ----------
+    y_true : array-like, shape (N,)
+        Class indices (integral floats and booleans are accepted).
+    y_prob : array-like, shape (N, C) or (N,)
+        Class probabilities, or scores of the positive class (then ``C = 2``).
+
+    Raises
+    ------
+    ValueError
+        On an empty set, mismatched lengths, fewer than two columns or labels outside
+        ``0..C-1``.
+
+    """
+    y = np.asarray(y_true).reshape(-1)
+    p = np.asarray(y_prob, dtype=np.float64)
+    if p.ndim == 1:  # binary scores for the positive class
+        p = np.stack([1.0 - p, p], axis=1)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ValueError(f"y_prob must be (N, C) class probabilities with C >= 2, got {p.shape}")
+    if len(y) != len(p):
+        raise ValueError(f"y_true has {len(y)} labels but y_prob has {len(p)} rows")
+    if len(y) == 0:
+        raise ValueError("cannot evaluate an empty set (no labels)")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.mod(y, 1) == 0):
+            raise ValueError("y_true must hold integer class indices")
+        y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= p.shape[1]:
+        bad = int(y.min()) if y.min() < 0 else int(y.max())
+        raise ValueError(
+            f"y_true holds class index {bad} outside 0..{p.shape[1] - 1} "
+            f"(y_prob has {p.shape[1]} columns)"
+        )
+    return y.astype(np.int64), p
+
+
+def macro_auc(y_true: Any, y_prob: Any) -> float:
+    """AUC of class 1 (binary) or macro one-vs-rest AUC over classes present in ``y_true``.
+
+    Parameters
+    ----------
+    y_true : array-like of int, shape (N,)
+        Class labels.
+    y_prob : array-like, shape (N, C) or (N,)
+        Class probabilities, or scores of the positive class.
+
+    Returns
+    -------
+    float
+        NaN when fewer than two classes are present.
+
+    """
+    y, p = check_labels_probs(y_true, y_prob)
+    return point_metrics(y, p)["auc"]
+
+
+def point_metrics(y_true: Any, y_prob: Any) -> dict[str, float]:
+    """Return every metric of :data:`METRIC_NAMES` on the full set (no resampling).
+
+    The values are :meth:`ClassificationMetrics.headline` of :func:`compute_metrics`, so they
+    equal the run's ``final_metrics.json``; ``y_prob`` may also be positive-class scores.
+    """
+    y, p = check_labels_probs(y_true, y_prob)
+    headline = compute_metrics(y, p, [str(k) for k in range(p.shape[1])]).headline()
+    return {name: headline[name] for name in METRIC_NAMES}

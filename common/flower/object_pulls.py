@@ -17,6 +17,10 @@ import functools
 import logging
 from types import ModuleType
 
+from consilia.common.flower.compat import require_supported_flower
+
+require_supported_flower()
+
 __all__ = ["quicker_object_pulls"]
 
 log = logging.getLogger("consilia")
@@ -42,7 +46,8 @@ def quicker_object_pulls(
     if getattr(original, "__name__", "") != "pull_objects":
         log.warning("%s.pull_objects changed: object pull timing unchanged", module.__name__)
         return False
-    module.pull_objects = functools.partial(  # type: ignore[attr-defined]
+    quicker = functools.partial(
         original, initial_backoff=initial_backoff_s, backoff_cap=backoff_cap_s
     )
+    setattr(module, "pull_objects", quicker)  # noqa: B010 - the patch this module exists for
     return True

@@ -28,7 +28,10 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from consilia.common.flower.compat import require_supported_flower
 from consilia.common.flower.object_pulls import quicker_object_pulls
+
+require_supported_flower()
 
 __all__ = ["AdaptivePollTime", "main", "tune_supernode_poll"]
 
@@ -98,7 +101,7 @@ def tune_supernode_poll(idle_s: float, active_s: float, window_s: float) -> bool
     if getattr(loop, "time", None) is not time and not isinstance(loop.time, AdaptivePollTime):
         log.warning("Flower's SuperNode loop changed: poll interval unchanged")
         return False
-    loop.time = AdaptivePollTime(idle_s, active_s, window_s)  # type: ignore[assignment]
+    setattr(loop, "time", AdaptivePollTime(idle_s, active_s, window_s))  # noqa: B010 - the patch
     quicker_object_pulls(loop)  # the model's arrays: retry after 50 ms, not 1 s
     return True
 

@@ -1,7 +1,8 @@
-"""Plain PyTorch training and evaluation loops (no Flower, no DP specifics).
+"""Plain PyTorch training loop and its helpers (no Flower, no DP specifics).
 
 Used identically by the site trainer, the centralized baseline and the local-only baselines,
-so every number in a comparison comes from the same code.
+so every number in a comparison comes from the same code. Evaluation and prediction live in
+:mod:`consilia.common.training.inference`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 __all__ = [
-    "EvalResult",
     "TrainResult",
-    "evaluate_model",
     "proximal_term",
     "seed_everything",
     "snapshot_params",
@@ -47,20 +46,6 @@ class TrainResult:
     num_examples: int
     steps: int
     seconds: float
-
-
-@dataclass
-class EvalResult:
-    """Outcome of evaluation: mean loss plus labels and class probabilities."""
-
-    loss: float
-    y_true: np.ndarray
-    y_prob: np.ndarray
-
-    @property
-    def num_examples(self) -> int:
-        """Number of evaluated samples."""
-        return int(self.y_true.shape[0])
 
 
 def seed_everything(seed: int) -> None:
@@ -124,6 +109,7 @@ def train_epochs(
     """
     if proximal_mu > 0 and global_params is None:
         raise ValueError("proximal_mu > 0 needs global_params (use snapshot_params)")
+    anchors: Sequence[torch.Tensor] = global_params if global_params is not None else ()
     start = time.perf_counter()
     model.train()
     total_loss, total_seen, steps = 0.0, 0, 0
@@ -137,7 +123,7 @@ def train_epochs(
             loss = loss_fn(logits, labels)
             objective = loss
             if proximal_mu > 0:
-                objective = loss + proximal_term(model.parameters(), global_params, proximal_mu)
+                objective = loss + proximal_term(model.parameters(), anchors, proximal_mu)
             objective.backward()
             optimizer.step()
             steps += 1
@@ -154,25 +140,4 @@ def train_epochs(
         num_examples=int(n),
         steps=steps,
         seconds=time.perf_counter() - start,
-    )
-
-
-@torch.no_grad()
-def evaluate_model(model: nn.Module, loader: DataLoader, loss_fn: nn.Module) -> EvalResult:
-    """Evaluate ``model``: mean loss, true labels and softmax probabilities."""
-    model.eval()
-    losses, labels_all, probs_all = 0.0, [], []
-    seen = 0
-    for images, labels in loader:
-        logits = model(images)
-        losses += float(loss_fn(logits, labels)) * int(labels.shape[0])
-        seen += int(labels.shape[0])
-        probs_all.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        labels_all.append(labels.cpu().numpy())
-    if seen == 0:
-        raise ValueError("evaluation set is empty")
-    return EvalResult(
-        loss=losses / seen,
-        y_true=np.concatenate(labels_all).astype(np.int64),
-        y_prob=np.concatenate(probs_all).astype(np.float64),
     )

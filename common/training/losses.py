@@ -12,6 +12,7 @@ in-place operations touch the autograd graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -19,11 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from consilia.common.registry import Registry, UnknownNameError
+
 __all__ = [
+    "LOSSES",
     "BCEOneHotLoss",
     "ClassificationLoss",
     "CrossEntropyLoss",
     "FocalLoss",
+    "LossFactory",
     "build_loss",
     "class_weights_from_counts",
 ]
@@ -191,6 +196,30 @@ class FocalLoss(ClassificationLoss):
         return losses
 
 
+#: ``factory(num_classes, class weights or None, focal_gamma) -> loss module``.
+LossFactory = Callable[[int, torch.Tensor | None, float], nn.Module]
+
+#: The losses ``TrainConfig.loss`` allows, by name.
+LOSSES: Registry[LossFactory] = Registry("loss")
+
+
+def _cross_entropy(num_classes: int, weight: torch.Tensor | None, gamma: float) -> nn.Module:
+    return CrossEntropyLoss(num_classes, weight)
+
+
+def _bce(num_classes: int, weight: torch.Tensor | None, gamma: float) -> nn.Module:
+    return BCEOneHotLoss(num_classes, weight)
+
+
+def _focal(num_classes: int, weight: torch.Tensor | None, gamma: float) -> nn.Module:
+    return FocalLoss(num_classes, gamma, weight)
+
+
+LOSSES.register("cross_entropy", _cross_entropy)
+LOSSES.register("bce", _bce)
+LOSSES.register("focal", _focal)
+
+
 def build_loss(
     loss: LossName,
     num_classes: int,
@@ -233,10 +262,8 @@ def build_loss(
                 "per class in task.class_names order"
             )
         weight = torch.as_tensor(class_weights_from_counts(counts), dtype=torch.float32)
-    if loss == "cross_entropy":
-        return CrossEntropyLoss(num_classes, weight)
-    if loss == "bce":
-        return BCEOneHotLoss(num_classes, weight)
-    if loss == "focal":
-        return FocalLoss(num_classes, focal_gamma, weight)
-    raise ValueError(f"unknown loss '{loss}'; allowed: cross_entropy, bce, focal")
+    try:
+        factory = LOSSES.get(loss)
+    except UnknownNameError as err:
+        raise ValueError(str(err)) from None
+    return factory(num_classes, weight, focal_gamma)

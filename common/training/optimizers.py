@@ -1,21 +1,50 @@
-"""Optimizer factory for the names allowed in :class:`~consilia.common.config.TrainConfig`."""
+"""Optimizers by name: the :data:`OPTIMIZERS` registry behind ``TrainConfig.optimizer``.
+
+Each entry is a factory ``(params, lr, momentum, weight_decay) -> torch.optim.Optimizer``;
+the names are those :class:`~consilia.common.config.TrainConfig` allows.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 
-__all__ = ["OPTIMIZERS", "build_optimizer"]
+from consilia.common.registry import Registry, UnknownNameError
+
+__all__ = ["OPTIMIZERS", "OptimizerFactory", "build_optimizer"]
 
 OptimizerName = Literal["sgd", "adam", "rmsprop"]
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "rmsprop")
+Params = Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]]
+#: ``factory(params, lr, momentum, weight_decay) -> optimizer``.
+OptimizerFactory = Callable[[Params, float, float, float], torch.optim.Optimizer]
+
+OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
+
+
+def _sgd(params: Params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _adam(params: Params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)  # betas: torch defaults
+
+
+def _rmsprop(
+    params: Params, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+OPTIMIZERS.register("sgd", _sgd)
+OPTIMIZERS.register("adam", _adam)
+OPTIMIZERS.register("rmsprop", _rmsprop)
 
 
 def build_optimizer(
     name: OptimizerName,
-    params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]],
+    params: Params,
     lr: float,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
@@ -52,10 +81,8 @@ def build_optimizer(
         raise ValueError(f"train.momentum must be in [0, 1), got {momentum}")
     if weight_decay < 0:
         raise ValueError(f"train.weight_decay must be >= 0, got {weight_decay}")
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer '{name}'; allowed: {', '.join(OPTIMIZERS)}")
+    try:
+        factory = OPTIMIZERS.get(name)
+    except UnknownNameError as err:
+        raise ValueError(str(err)) from None
+    return factory(params, lr, momentum, weight_decay)

@@ -21,9 +21,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from consilia.common.config import ConfigError
+from consilia.common.rundir.layout import RunDir
 from consilia.common.rundir.round_records import read_round_records
-from consilia.server.control.flwr_cli import Connection, FlowerOperator, OperatorError, write_connection
-from consilia.server.control.proxy import ProxyConfigError, operators_allow_file, render_proxy_config
+from consilia.server.control.flwr_cli import (
+    Connection,
+    FlowerOperator,
+    OperatorError,
+    write_connection,
+)
+from consilia.server.control.proxy import (
+    ProxyConfigError,
+    operators_allow_file,
+    render_proxy_config,
+)
 from consilia.server.control.run_launcher import (
     RunTimeoutError,
     follow_run,
@@ -44,7 +54,7 @@ from consilia.server.control.superlink import (
 __all__ = ["default_state_dir", "main"]
 
 STATE_ENV = "CONSILIA_COORDINATOR_HOME"
-PROXY_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / (
+PROXY_TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / (
     "consilia-coordinator.conf.template"
 )
 
@@ -236,7 +246,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print("no round was trained by enough sites: the global model is still the initial "
               "one (see the failures above)", file=sys.stderr)
         return 1
-    print(f"global model: {run_dir / 'global_model.pt'} ({len(trained)} of "
+    print(f"global model: {RunDir(run_dir).global_model_path} ({len(trained)} of "
           f"{run.strategy.rounds} round(s) aggregated)")
     return 0
 

@@ -63,7 +63,7 @@ def write_connection(flwr_home: Path, connection: Connection, name: str = CONNEC
     superlink = data.setdefault("superlink", {})
     superlink["default"] = name
     entry: dict[str, Any] = {"address": connection.address}
-    if connection.insecure:
+    if connection.root_certificates is None:  # insecure
         entry["insecure"] = True
     else:
         entry["root-certificates"] = str(Path(connection.root_certificates).resolve())

@@ -29,8 +29,9 @@ from consilia.common.config import (
     parse_model,
 )
 from consilia.common.constants import RunConfigKey
-from consilia.common.library_versions import library_versions
 from consilia.common.flower.app_project import write_flower_app
+from consilia.common.library_versions import library_versions
+from consilia.common.rundir.layout import RunDir
 from consilia.common.rundir.round_records import is_late_record
 from consilia.server.control.flwr_cli import FlowerOperator
 from consilia.server.progress import format_final, format_round, readable_reason
@@ -145,14 +146,15 @@ def prepare_run_dir(
 
     """
     run_dir = Path(run_dir).resolve()
-    if (run_dir / "metrics" / "rounds.jsonl").exists():
+    layout = RunDir(run_dir)
+    if layout.rounds_jsonl_path.exists():
         raise ConfigError(f"{run_dir} already holds a run; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(
+    layout.config_path.write_text(
         yaml.safe_dump(json.loads(run.model_dump_json()), sort_keys=False)
     )
     assert run.task is not None
-    (run_dir / "task.json").write_text(run.task.model_dump_json(indent=2))
+    layout.task_path.write_text(run.task.model_dump_json(indent=2))
     env = {
         "mode": "deployment",
         "versions": library_versions(),
@@ -160,10 +162,10 @@ def prepare_run_dir(
         "command": list(command),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    (run_dir / "environment.json").write_text(json.dumps(env, indent=2))
+    layout.environment_path.write_text(json.dumps(env, indent=2))
     if test_set is not None:
         check_test_set(test_set, run)
-        shutil.copyfile(test_set, run_dir / "test_set.npz")
+        shutil.copyfile(test_set, layout.test_set_path)
     config: dict[str, str | int | float | bool] = {
         RunConfigKey.CONFIG_JSON.value: run.model_dump_json(),
         RunConfigKey.RUN_DIR.value: str(run_dir),
@@ -208,8 +210,8 @@ def follow_run(
         If the run is still going after ``timeout_s``.
 
     """
-    jsonl = Path(run_dir) / "metrics" / "rounds.jsonl"
-    done_marker = Path(run_dir) / "federated_metrics.json"
+    jsonl = RunDir(run_dir).rounds_jsonl_path
+    done_marker = RunDir(run_dir).federated_metrics_path
     seen = 0
     start = time.monotonic()
     last_status = last_progress = start

@@ -42,10 +42,12 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from consilia.client.trainer import ImageData, build_task_model, evaluate_on, train_model
+from consilia.client.trainer import build_task_model, train_model
 from consilia.common.config import RunConfig
-from consilia.common.rundir.round_records import read_round_records
+from consilia.common.data.images import ImageData
+from consilia.common.rundir.layout import RunDir
 from consilia.common.serde import load_checkpoint
+from consilia.common.training.inference import evaluate_on
 
 __all__ = [
     "AUDIT_FILE",
@@ -62,7 +64,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The audit's file in the run directory.
-AUDIT_FILE = "privacy_audit.json"
+AUDIT_FILE = RunDir(".").privacy_audit_path.name
 
 _EPS = 1e-12
 
@@ -186,32 +188,27 @@ def class_matched_sample(
 # ---------------------------------------------------------------------------------------
 
 
-def _site_members(run_dir: Path) -> ImageData:
-    files = sorted((run_dir / "sites").glob("site-*.npz"))
-    if not files:
-        raise FileNotFoundError(f"{run_dir}/sites: no site-*.npz (the members); run fl-sim")
-    images, labels = [], []
-    for path in files:
-        with np.load(path) as z:
-            images.append(z["train_images"])
-            labels.append(z["train_labels"].astype(np.int64))
-    return ImageData(np.concatenate(images), np.concatenate(labels))
+def _site_members(run: RunDir) -> ImageData:
+    if not run.site_files():
+        raise FileNotFoundError(f"{run.sites_dir}: no site-*.npz (the members); run fl-sim")
+    trains = [train for train, _, _ in run.read_sites().values()]
+    return ImageData(np.concatenate([t.images for t in trains]),
+                     np.concatenate([t.labels for t in trains]))
 
 
-def _test_set(run_dir: Path) -> ImageData:
-    path = run_dir / "test_set.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the common test split (the non-members) is missing")
-    with np.load(path) as z:
-        return ImageData(z["images"], z["labels"].astype(np.int64))
+def _test_set(run: RunDir) -> ImageData:
+    if not run.test_set_path.is_file():
+        raise FileNotFoundError(
+            f"{run.test_set_path}: the common test split (the non-members) is missing")
+    return run.read_test_set()
 
 
 def _probs(model, data: ImageData, run: RunConfig) -> np.ndarray:
     return evaluate_on(model, data, run.train, run.task).y_prob  # type: ignore[arg-type]
 
 
-def _spent_epsilon(run_dir: Path) -> float | None:
-    eps = [v.get("epsilon") for record in read_round_records(run_dir)
+def _spent_epsilon(run: RunDir) -> float | None:
+    eps = [v.get("epsilon") for record in run.read_rounds()
            for v in (record.get("sites") or {}).values() if isinstance(v, dict)]
     eps = [e for e in eps if e is not None]
     return max(eps) if eps else None
@@ -222,8 +219,8 @@ def _train_shadow(run: RunConfig, data: ImageData, epochs: int, seed: int,
     model = build_task_model(run.model.name, dict(run.model.kwargs), run.task)  # type: ignore[arg-type]
     privacy = None
     if run.dp.enabled and run.dp.mode == "local":
-        from consilia.client.privacy.ledger import PrivacyLedger
         from consilia.client.privacy.controller import PrivacyController
+        from consilia.client.privacy.ledger import PrivacyLedger
 
         privacy = PrivacyController(
             run.dp, budget_epsilon=run.dp.target_epsilon, budget_delta=None,
@@ -271,8 +268,9 @@ def audit_run(
         raise ValueError(f"shadows must be an even number >= 0, got {shadows}")
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    target, run, _ = load_checkpoint(run_dir / "global_model.pt")
-    members_all, test_all = _site_members(run_dir), _test_set(run_dir)
+    layout = RunDir(run_dir)
+    target, run, _ = load_checkpoint(layout.global_model_path)
+    members_all, test_all = _site_members(layout), _test_set(layout)
     mi, ni = class_matched_sample(members_all.labels, test_all.labels, per_group, seed)
     members = ImageData(members_all.images[mi], members_all.labels[mi])
     non_members = ImageData(test_all.images[ni], test_all.labels[ni])
@@ -317,13 +315,13 @@ def audit_run(
         members=n, non_members=n, loss_auc=loss_auc, loss_tpr_at_1pct_fpr=loss_tpr,
         lira_auc=lira_auc, lira_tpr_at_1pct_fpr=lira_tpr, shadows=shadows, dp=dp_text,
         target_epsilon=run.dp.target_epsilon if run.dp.enabled else None,
-        spent_epsilon=_spent_epsilon(run_dir),
+        spent_epsilon=_spent_epsilon(layout),
         train_accuracy=float((pred[:n] == pool.labels[:n]).mean()),
         test_accuracy=float((pred[n:] == pool.labels[n:]).mean()),
         seconds=time.perf_counter() - start, notes=notes,
     )
     if write:
-        (run_dir / AUDIT_FILE).write_text(json.dumps(audit.to_dict(), indent=2))
+        layout.privacy_audit_path.write_text(json.dumps(audit.to_dict(), indent=2))
     log.info("membership audit of %s: loss AUC %.3f, LiRA AUC %s (%d shadows, %.0f s)",
              run_dir, loss_auc, "n/a" if lira_auc is None else f"{lira_auc:.3f}", shadows,
              audit.seconds)

@@ -1,7 +1,8 @@
 """Message audit: record every reply a site sends and check it carries no data, only weights.
 
 :func:`recording_client_app` wraps a ClientApp so that each reply it returns is written, in
-Flower's wire format (``message_to_proto``), to a folder — it works in Flower's Ray
+Flower's wire format (``message_to_proto``, through
+:mod:`consilia.common.flower.wire_format`), to a folder — it works in Flower's Ray
 simulation too, because the wrapper travels to the Ray workers with the app.
 :func:`audit_reply` then checks one reply against what a site is allowed to send:
 
@@ -28,13 +29,14 @@ from uuid import uuid4
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from consilia.common.constants import MessageKey, MetricKey
+from consilia.common.constants import CalibrationKey, MessageKey, MetricKey, SiteRecordKey
+from consilia.common.flower.wire_format import message_from_bytes, message_to_bytes
 
 __all__ = ["audit_reply", "load_recorded_replies", "recording_client_app"]
 
+#: The arrays of a classifier-calibration reply, in the order they are checked.
+_CALIBRATION_ARRAYS = tuple(key.value for key in CalibrationKey)
 _FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
 #: What a site's evaluation of a model may hold (``SiteTrainer.evaluate``).
 EVALUATION_KEYS = {MetricKey.EVAL_LOSS.value, MetricKey.ACCURACY.value,
@@ -57,7 +59,7 @@ def recording_client_app(base: ClientApp, out_dir: Path) -> ClientApp:
         out.mkdir(parents=True, exist_ok=True)
         kind = msg.metadata.message_type.split(".")[0]
         path = out / f"{kind}-{uuid4().hex}.pb"
-        path.write_bytes(message_to_proto(reply).SerializeToString())
+        path.write_bytes(message_to_bytes(reply))
         return reply
 
     app.train()(_run)
@@ -70,9 +72,7 @@ def load_recorded_replies(out_dir: Path) -> list[tuple[str, Message]]:
     """Read back the replies saved by :func:`recording_client_app` as ``(type, Message)``."""
     replies = []
     for path in sorted(Path(out_dir).glob("*.pb")):
-        proto = ProtoMessage()
-        proto.ParseFromString(path.read_bytes())
-        replies.append((path.name.split("-")[0], message_from_proto(proto)))
+        replies.append((path.name.split("-")[0], message_from_bytes(path.read_bytes())))
     return replies
 
 
@@ -137,7 +137,8 @@ def audit_reply(
         if name != MessageKey.SITE.value:
             problems.append(f"config record '{name}' is not '{MessageKey.SITE.value}'")
             continue
-        if set(record.keys()) != {"name"} or not isinstance(record.get("name"), str):
+        name = SiteRecordKey.NAME.value
+        if set(record.keys()) != {name} or not isinstance(record.get(name), str):
             problems.append(f"site record holds {json.dumps(sorted(record.keys()))}, "
                             "expected only the site name")
     return problems
@@ -159,16 +160,16 @@ def _audit_evaluation(record: Mapping) -> list[str]:
 def _audit_feature_stats(record: Mapping) -> list[str]:
     """Check a calibration reply holds only per-class aggregates of consistent shapes."""
     keys = set(record.keys())
-    if keys != {"counts", "sums", "outer-sums"}:
+    if keys != set(_CALIBRATION_ARRAYS):
         return [f"feature-statistics reply holds arrays {sorted(keys)}, expected "
                 "['counts', 'outer-sums', 'sums']"]
-    counts, sums, outer = (tuple(record[k].shape) for k in ("counts", "sums", "outer-sums"))
+    counts, sums, outer = (tuple(record[k].shape) for k in _CALIBRATION_ARRAYS)
     problems = []
     if len(counts) != 1 or len(sums) != 2 or sums[0] != counts[0] \
             or outer != (sums[0], sums[1], sums[1]):
         problems.append(f"feature-statistics shapes are not per-class aggregates: counts "
                         f"{counts}, sums {sums}, outer-sums {outer}")
-    for key in ("counts", "sums", "outer-sums"):
+    for key in _CALIBRATION_ARRAYS:
         if record[key].dtype not in _FLOAT_DTYPES:
             problems.append(f"array '{key}' has dtype {record[key].dtype}")
     return problems

@@ -14,11 +14,11 @@ import pytest
 import yaml
 from site_testkit import TLSServer, free_port, make_certs, write_site
 
-from consilia.common.flower import supernode_launch
 from consilia.client.cli import main
 from consilia.client.site.check import probe_tls, run_site_check
 from consilia.client.site.config import load_site_config
 from consilia.client.site.supervisor import Backoff, SiteSupervisor, explain_supernode_exit
+from consilia.common.flower import supernode_launch
 
 
 @pytest.fixture(autouse=True)

@@ -189,7 +189,8 @@ def test_every_registered_model_exposes_its_output_layer_as_head(name: str) -> N
 
 
 def test_site_policy_decides_whether_statistics_are_shared() -> None:
-    from consilia.client.site.config import SitePolicy, statistics_rule_for
+    from consilia.client.site.config import SitePolicy
+    from consilia.client.site.policy import statistics_rule_for
 
     assert statistics_rule_for(SitePolicy()).share
     assert statistics_rule_for(SitePolicy()).min_class_count == 20
@@ -251,8 +252,8 @@ def test_federation_calibrates_the_head_with_class_aggregates_only(tmp_path: Pat
 
 
 def test_dp_sites_send_noised_statistics_accounted_within_the_runs_epsilon(tmp_path: Path) -> None:
+    from consilia.client.privacy.budget import EPSILON_SLACK
     from consilia.client.privacy.ledger import PrivacyLedger
-    from consilia.client.privacy.controller import EPSILON_SLACK
     from consilia.client.privacy.simulated_sites import sim_ledger_path
     from consilia.simulations.audits.message_audit import audit_reply
 
@@ -284,7 +285,7 @@ def test_dp_sites_send_noised_statistics_accounted_within_the_runs_epsilon(tmp_p
 def test_dp_sites_that_send_no_noised_statistics_decline_and_the_model_is_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from consilia.client import site_runtime
+    from consilia.client.site import policy as site_runtime
 
     monkeypatch.setattr(site_runtime.StatisticsRule, "__init__", _rule_without_noise())
     _cfg, result, replies = _experiment(tmp_path, "dp.enabled=true", "dp.target_epsilon=8")
@@ -308,7 +309,7 @@ def test_a_central_dp_run_keeps_its_model_uncalibrated_and_asks_no_site(tmp_path
 
 
 def _rule_without_noise():
-    from consilia.client.site.locator import StatisticsRule
+    from consilia.client.site.policy import StatisticsRule
 
     original = StatisticsRule.__init__
 

@@ -135,7 +135,7 @@ def test_tensorboard_tracker_writes_scalars_by_round(tmp_path):
 def test_run_recorder_logs_each_evaluated_round_to_tensorboard(tmp_path):
     from flwr.app import ArrayRecord
 
-    from consilia.client.trainer import ImageData
+    from consilia.common.data.images import ImageData
     from consilia.common.serde import model_from_run_config
     from consilia.server.recorder import RunRecorder
 
@@ -143,9 +143,11 @@ def test_run_recorder_logs_each_evaluated_round_to_tensorboard(tmp_path):
     images, labels = synthetic_images(24, 3, np.random.default_rng(0))
     recorder = RunRecorder(tmp_path, run, ImageData(images, labels))
     arrays = ArrayRecord(model_from_run_config(run).state_dict())
-    recorder.evaluate(0, arrays)
-    recorder.aggregated("federated_eval", None)
-    recorder.evaluate(1, arrays)
+    recorder.on_global_evaluation(0, arrays)
+    recorder.close_round(0)
+    recorder.on_site_evaluation(1, [], None)
+    recorder.on_global_evaluation(1, arrays)
+    recorder.close_round(1)
     recorder.finish(arrays)
     values = _read_scalars(tmp_path / "tensorboard")
     recorded = [r["server_eval"]["auc"] for r in recorder.rounds]

@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from consilia.common.config import ModelConfig, RunConfig, TaskSpec
-from consilia.common.evaluation.clinical import predict_proba
 from consilia.common.evaluation.metrics import compute_metrics
 from consilia.common.serde import model_from_run_config, save_checkpoint
+from consilia.common.training.inference import predict_proba
 
 SIZE = 16
 

@@ -85,17 +85,19 @@ def _train_reply(node: int, site: str, evaluation: dict | None) -> Message:
 
 
 def test_recorder_merges_the_late_evaluation_into_its_round(tmp_path):
-    from consilia.client.trainer import ImageData
+    from consilia.common.data.images import ImageData
     from consilia.server.recorder import RunRecorder
 
     run = tiny_run_config(["a", "b", "c"])
     images, labels = synthetic_images(24, 3, np.random.default_rng(0))
     recorder = RunRecorder(tmp_path, run, ImageData(images, labels))
     strategy = _strategy(recorder)
-    recorder.evaluate(0, _arrays_of(run))
+    recorder.on_global_evaluation(0, _arrays_of(run))
+    recorder.close_round(0)
     replies = [_train_reply(11, "site-00", None), _train_reply(12, "site-01", None)]
     strategy.aggregate_train(1, replies)
-    recorder.evaluate(1, _arrays_of(run))
+    recorder.on_global_evaluation(1, _arrays_of(run))
+    recorder.close_round(1)
     replies = [
         _train_reply(11, "site-00", {"accuracy": 0.5, "auc": 0.6, "num-examples": 10}),
         _train_reply(12, "site-01", {"accuracy": 1.0, "auc": 0.9, "num-examples": 30}),

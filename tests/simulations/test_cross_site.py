@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 from fake_run import make_run_dir
 
-from consilia.common.evaluation.clinical import point_metrics, predict_proba
+from consilia.common.evaluation.metrics import point_metrics
+from consilia.common.rundir.layout import RunDir
 from consilia.common.serde import load_checkpoint
-from consilia.simulations.cross_site import cross_site_validation, load_run_models, load_site_val
+from consilia.common.training.inference import predict_proba
+from consilia.simulations.cross_site import cross_site_validation
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +82,8 @@ def test_runs_without_baselines_and_skips_sites_without_val(tmp_path, run_dir):
         data = dict(z)
     data["val_images"], data["val_labels"] = data["val_images"][:0], data["val_labels"][:0]
     np.savez(copy / "sites" / "site-01.npz", **data)
-    assert list(load_site_val(copy)) == ["site-00", "site-02"]
-    models, _ = load_run_models(copy)
+    assert list(RunDir(copy).read_site_validation()) == ["site-00", "site-02"]
+    models, _ = RunDir(copy).load_models()
     assert list(models) == ["global"]
     result = cross_site_validation(copy)
     assert list(result["cross_site"]["auc"]) == ["global"]
@@ -95,4 +97,4 @@ def test_missing_global_model_is_a_clear_error(tmp_path, run_dir):
     with pytest.raises(FileNotFoundError, match="global_model.pt"):
         cross_site_validation(copy)
     with pytest.raises(FileNotFoundError, match="no site-XX.npz"):
-        load_site_val(tmp_path)
+        RunDir(tmp_path).read_site_validation()

@@ -122,8 +122,8 @@ def test_fedprox_three_rounds_survive_a_site_killed_mid_round(federation):
     config = _write_run(fed, classes, "fedprox",
                         strategy={"calibration": {"enabled": True, "epochs": 10}})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "consilia.server.control.cli", "--state-dir", str(fed.state_dir), "run",
-         str(config), "--out", str(run_dir), "--test-set", str(fed.root / "test_set.npz"),
+        [sys.executable, "-m", "consilia.server.control.cli", "--state-dir", str(fed.state_dir),
+         "run", str(config), "--out", str(run_dir), "--test-set", str(fed.root / "test_set.npz"),
          "--timeout", "600"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=fed._env())
     # kill site-c (supervisor, SuperNode and ClientApp process) as soon as it has received

@@ -10,10 +10,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from consilia.client.site.data_sources import DicomSourceConfig, load_site_data
-from consilia.common.data.datasets.base import ImageSplit
-from consilia.common.data.sitefile import save_site_npz
+from consilia.client.site.data_sources.config import DicomSourceConfig
+from consilia.client.site.data_sources.loading import load_site_data
 from consilia.common.data.dicom import read_dicom
+from consilia.common.data.images import ImageData
+from consilia.common.data.sitefile import save_site_npz
 from consilia.simulations.export_sites import export_partition_to_dicom, export_site_dicoms
 
 CLASSES = ["AbdomenCT", "Chest X-ray"]  # a space: folder names are sanitised, labels are not
@@ -99,11 +100,11 @@ def test_export_partition(tmp_path: Path, rng: np.random.Generator) -> None:
     partition = tmp_path / "partition"
     expected = {}
     for site_id, (n_train, n_val) in enumerate([(5, 2), (3, 1)]):
-        train = ImageSplit(
+        train = ImageData(
             rng.integers(0, 256, size=(n_train, 1, 8, 8), dtype=np.uint8),
             rng.integers(0, 2, size=n_train),
         )
-        val = ImageSplit(
+        val = ImageData(
             rng.integers(0, 256, size=(n_val, 1, 8, 8), dtype=np.uint8),
             rng.integers(0, 2, size=n_val),
         )

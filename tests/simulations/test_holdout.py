@@ -12,7 +12,7 @@ import pytest
 from fake_run import make_run_dir, synthetic_images
 
 from consilia.common.config import ConfigError, PartitionConfig, load_experiment_config
-from consilia.common.data.datasets import ImageSplit
+from consilia.common.data.images import ImageData
 from consilia.common.rundir.round_records import read_round_records
 from consilia.simulations.cli import _overrides, build_parser
 from consilia.simulations.cli import main as fl_sim
@@ -25,7 +25,7 @@ HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 def _partition(tmp_path: Path, num_sites: int = 3):
     images, labels = synthetic_images(90, 3, np.random.default_rng(1))
     cfg = PartitionConfig(num_sites=num_sites, scheme="iid", min_samples_per_site=5)
-    partition = build_partition(ImageSplit(images, labels), ["a", "b", "c"], cfg, seed=0)
+    partition = build_partition(ImageData(images, labels), ["a", "b", "c"], cfg, seed=0)
     save_partition(partition, tmp_path)
     return partition
 
@@ -66,7 +66,7 @@ def test_external_validation_scores_every_model_on_all_of_the_site(tmp_path):
     run_dir = make_run_dir(tmp_path / "run", num_sites=2, dp=False)
     x_tr, y_tr = synthetic_images(20, 3, np.random.default_rng(5))
     x_va, y_va = synthetic_images(7, 3, np.random.default_rng(6))
-    site = SiteData(4, "site-04", ImageSplit(x_tr, y_tr), ImageSplit(x_va, y_va))
+    site = SiteData(4, "site-04", ImageData(x_tr, y_tr), ImageData(x_va, y_va))
     out = external_validation(run_dir, site)
     assert out["site"] == "site-04" and out["n"] == 27
     assert set(out) >= {"federated", "centralized", "local_only", "class_counts"}

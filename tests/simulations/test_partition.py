@@ -9,19 +9,21 @@ import numpy as np
 import pytest
 
 from consilia.common.config import PartitionConfig
-from consilia.common.data.datasets import ImageSplit, make_synthetic
+from consilia.common.data.datasets import make_synthetic
+from consilia.common.data.images import ImageData
+from consilia.common.data.sitefile import load_site_npz
 from consilia.simulations.partition import (
     FederatedPartition,
-    PartitionError,
-    ScannerShift,
-    apply_scanner_shift,
     build_partition,
-    draw_scanner_shift,
     format_partition_table,
-    load_site_npz,
-    partition_indices,
     partition_table,
     save_partition,
+)
+from consilia.simulations.partition_schemes import PartitionError, partition_indices
+from consilia.simulations.scanner_shift import (
+    ScannerShift,
+    apply_scanner_shift,
+    draw_scanner_shift,
 )
 
 NUM_CLASSES = 6
@@ -30,9 +32,9 @@ CLASS_NAMES = [f"c{k}" for k in range(NUM_CLASSES)]
 
 
 @pytest.fixture(scope="module")
-def pool() -> ImageSplit:
+def pool() -> ImageData:
     images, labels = make_synthetic(300, num_classes=3, size=16, seed=0)
-    return ImageSplit(images, labels)
+    return ImageData(images, labels)
 
 
 def _cfg(**kwargs: object) -> PartitionConfig:
@@ -89,7 +91,7 @@ def test_pathological_limits_classes_per_site() -> None:
         assert all(len(np.unique(LABELS[p])) <= k for p in parts)
 
 
-def test_pathological_with_few_sites_reports_unassigned(pool: ImageSplit) -> None:
+def test_pathological_with_few_sites_reports_unassigned(pool: ImageData) -> None:
     cfg = _cfg(num_sites=2, scheme="pathological", classes_per_site=1, min_samples_per_site=5)
     with pytest.warns(UserWarning, match="assigned to no site"):
         partition = build_partition(pool, ["a", "b", "c"], cfg, seed=0)
@@ -119,7 +121,7 @@ def test_impossible_configs_raise_clear_errors() -> None:
         partition_indices(LABELS, cfg, seed=0)
 
 
-def test_build_partition_rejects_labels_without_names(pool: ImageSplit) -> None:
+def test_build_partition_rejects_labels_without_names(pool: ImageData) -> None:
     with pytest.raises(PartitionError, match="only 2 class names"):
         build_partition(pool, ["a", "b"], _cfg(num_sites=2), seed=0)
 
@@ -147,7 +149,7 @@ def test_describe() -> None:
     assert ScannerShift().describe() == "reference scanner"
 
 
-def test_apply_scanner_shift_keeps_dtype_shape_and_is_seeded(pool: ImageSplit) -> None:
+def test_apply_scanner_shift_keeps_dtype_shape_and_is_seeded(pool: ImageData) -> None:
     images = pool.images[:40]
     shift = ScannerShift(gamma=1.3, contrast=0.8, noise_std=0.03, blur_sigma=1.0, downsample=2)
     out = apply_scanner_shift(images, shift, seed=1)
@@ -161,7 +163,7 @@ def test_apply_scanner_shift_keeps_dtype_shape_and_is_seeded(pool: ImageSplit) -
         apply_scanner_shift(images.astype(np.float32), shift, seed=1)
 
 
-def test_each_shift_component_acts(pool: ImageSplit) -> None:
+def test_each_shift_component_acts(pool: ImageData) -> None:
     images = pool.images[:20]
     x = images.astype(np.float64)
     darker = apply_scanner_shift(images, ScannerShift(gamma=2.0), 0).astype(np.float64)
@@ -181,13 +183,13 @@ def test_each_shift_component_acts(pool: ImageSplit) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _skewed(pool: ImageSplit, seed: int = 0) -> FederatedPartition:
+def _skewed(pool: ImageData, seed: int = 0) -> FederatedPartition:
     cfg = _cfg(num_sites=4, scheme="dirichlet", alpha=0.5, site_val_fraction=0.25,
                feature_skew={"enabled": True, "strength": 1.0})  # fmt: skip
     return build_partition(pool, ["a", "b", "c"], cfg, seed)
 
 
-def test_build_partition_sites_hold_their_share(pool: ImageSplit) -> None:
+def test_build_partition_sites_hold_their_share(pool: ImageData) -> None:
     partition = _skewed(pool)
     assert partition.num_sites == 4 and [s.name for s in partition.sites][0] == "site-00"
     held = np.concatenate([np.r_[s.train_indices, s.val_indices] for s in partition.sites])
@@ -205,7 +207,7 @@ def test_build_partition_sites_hold_their_share(pool: ImageSplit) -> None:
     assert not np.array_equal(shifted.val.images, pool.images[shifted.val_indices])
 
 
-def test_build_partition_same_seed_same_images(pool: ImageSplit) -> None:
+def test_build_partition_same_seed_same_images(pool: ImageData) -> None:
     a, b, c = _skewed(pool, 0), _skewed(pool, 0), _skewed(pool, 1)
     for sa, sb in zip(a.sites, b.sites, strict=True):
         assert sa.shift == sb.shift
@@ -216,7 +218,7 @@ def test_build_partition_same_seed_same_images(pool: ImageSplit) -> None:
                for x, y in zip(a.sites, c.sites, strict=True))  # fmt: skip
 
 
-def test_site_val_split_is_stratified_and_optional(pool: ImageSplit) -> None:
+def test_site_val_split_is_stratified_and_optional(pool: ImageData) -> None:
     cfg = _cfg(num_sites=2, scheme="iid", site_val_fraction=0.2)
     partition = build_partition(pool, ["a", "b", "c"], cfg, seed=0)
     for site in partition.sites:
@@ -226,7 +228,7 @@ def test_site_val_split_is_stratified_and_optional(pool: ImageSplit) -> None:
     assert all(len(s.val) == 0 and s.val.images.ndim == 4 for s in none.sites)
 
 
-def test_partition_table_and_format(pool: ImageSplit) -> None:
+def test_partition_table_and_format(pool: ImageData) -> None:
     partition = _skewed(pool)
     df = partition_table(partition, ["a", "b", "c"])
     assert list(df.columns) == ["site", "n_train", "n_val", "a", "b", "c", "shift"]
@@ -237,7 +239,7 @@ def test_partition_table_and_format(pool: ImageSplit) -> None:
     assert "site-03" in text and "total" in text and str(len(pool)) not in df["site"].tolist()
 
 
-def test_save_partition_writes_loadable_site_files(pool: ImageSplit, tmp_path: Path) -> None:
+def test_save_partition_writes_loadable_site_files(pool: ImageData, tmp_path: Path) -> None:
     partition = _skewed(pool)
     files = save_partition(partition, tmp_path)
     assert [f.name for f in files] == ["site-00.npz", "site-01.npz", "site-02.npz", "site-03.npz"]

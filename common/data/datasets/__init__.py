@@ -10,7 +10,6 @@ from consilia.common.data.datasets.base import (
     DatasetBundle,
     DatasetLoader,
     DatasetNotFoundError,
-    ImageSplit,
     load_dataset,
     resize_images,
     stratified_split,
@@ -18,8 +17,8 @@ from consilia.common.data.datasets.base import (
 )
 from consilia.common.data.datasets.medmnist import MEDMNIST_FLAGS, download_medmnist
 from consilia.common.data.datasets.mednist import download_mednist
-from consilia.common.data.sitefile import load_site_npz, save_site_npz
 from consilia.common.data.datasets.synthetic import make_synthetic
+from consilia.common.data.sitefile import load_site_npz, save_site_npz
 
 __all__ = [
     "DATASETS",
@@ -27,7 +26,6 @@ __all__ = [
     "DatasetBundle",
     "DatasetLoader",
     "DatasetNotFoundError",
-    "ImageSplit",
     "download_medmnist",
     "download_mednist",
     "load_dataset",

@@ -1,4 +1,4 @@
-"""The shared dataset interface: image splits, the dataset bundle, the registry and loading.
+"""The shared dataset interface: the dataset bundle, the registry, loading and split helpers.
 
 Every dataset module registers a *loader* ``(cfg: DataConfig, seed: int) -> DatasetBundle`` in
 :data:`DATASETS` that returns the data at native resolution. :func:`load_dataset` looks the
@@ -16,12 +16,12 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
 from consilia.common.config import DataConfig, TaskSpec
+from consilia.common.data.images import ImageData
 from consilia.common.registry import Registry
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "DatasetBundle",
     "DatasetLoader",
     "DatasetNotFoundError",
-    "ImageSplit",
     "file_md5",
     "load_dataset",
     "resize_images",
@@ -68,68 +67,6 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 @dataclass
-class ImageSplit:
-    """One split of an image classification dataset.
-
-    Parameters
-    ----------
-    images : np.ndarray
-        ``uint8`` array of shape ``(N, C, H, W)``.
-    labels : np.ndarray
-        Integer class indices of shape ``(N,)``; stored as ``int64``.
-    meta : list of dict, optional
-        Per-sample metadata (e.g. the source file name), same length as ``images``.
-
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    meta: list[dict[str, Any]] | None = None
-
-    def __post_init__(self) -> None:
-        images = np.asarray(self.images)
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(
-                f"ImageSplit.images must be uint8 of shape (N, C, H, W); "
-                f"got {images.dtype} {images.shape}"
-            )
-        labels = np.asarray(self.labels)
-        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise ValueError(
-                f"ImageSplit.labels must have shape ({images.shape[0]},); got {labels.shape}"
-            )
-        if labels.size and not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"ImageSplit.labels must be integers; got {labels.dtype}")
-        if labels.size and labels.min() < 0:
-            raise ValueError("ImageSplit.labels must be non-negative class indices")
-        if self.meta is not None and len(self.meta) != images.shape[0]:
-            raise ValueError(
-                f"ImageSplit.meta has {len(self.meta)} entries for {images.shape[0]} images"
-            )
-        self.images = images
-        self.labels = labels.astype(np.int64, copy=False)
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def subset(self, indices: np.ndarray | Sequence[int]) -> ImageSplit:
-        """Return the samples at ``indices`` (a copy), keeping their metadata."""
-        idx = np.asarray(indices, dtype=np.int64)
-        meta = [self.meta[i] for i in idx] if self.meta is not None else None
-        return ImageSplit(self.images[idx], self.labels[idx], meta)
-
-    def class_counts(self, num_classes: int) -> np.ndarray:
-        """Return the number of samples of each class (length ``num_classes``)."""
-        return np.bincount(self.labels, minlength=num_classes)[:num_classes]
-
-    @classmethod
-    def empty_like(cls, other: ImageSplit) -> ImageSplit:
-        """Return an empty split with the same channel count and image size as ``other``."""
-        _, c, h, w = other.images.shape
-        return cls(np.zeros((0, c, h, w), np.uint8), np.zeros((0,), np.int64))
-
-
-@dataclass
 class DatasetBundle:
     """A loaded dataset: its splits plus what a run must know about it.
 
@@ -139,7 +76,7 @@ class DatasetBundle:
         Registered dataset name.
     class_names : list of str
         Class index ``i`` is ``class_names[i]``.
-    train, val, test : ImageSplit
+    train, val, test : ImageData
         The splits; ``val`` is ``None`` when there is none (``val_fraction=0``).
     in_channels : int
         Channels per image (1 grey, 3 colour).
@@ -156,9 +93,9 @@ class DatasetBundle:
 
     name: str
     class_names: list[str]
-    train: ImageSplit
-    val: ImageSplit | None
-    test: ImageSplit
+    train: ImageData
+    val: ImageData | None
+    test: ImageData
     in_channels: int
     image_size: int
     official_split: bool
@@ -171,7 +108,7 @@ class DatasetBundle:
         """Number of classes."""
         return len(self.class_names)
 
-    def splits(self) -> dict[str, ImageSplit]:
+    def splits(self) -> dict[str, ImageData]:
         """Return the present splits by name (``train``, ``val`` if any, ``test``)."""
         out = {"train": self.train}
         if self.val is not None:
@@ -306,10 +243,10 @@ def file_md5(path: Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _resize_split(split: ImageSplit | None, size: int) -> ImageSplit | None:
+def _resize_split(split: ImageData | None, size: int) -> ImageData | None:
     if split is None:
         return None
-    return ImageSplit(resize_images(split.images, size), split.labels, split.meta)
+    return ImageData(resize_images(split.images, size), split.labels, split.meta)
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> DatasetBundle:

@@ -38,10 +38,10 @@ from consilia.common.data.datasets.base import (
     DatasetBundle,
     DatasetLoader,
     DatasetNotFoundError,
-    ImageSplit,
     file_md5,
     square_size,
 )
+from consilia.common.data.images import ImageData
 from consilia.common.paths import default_cache_dir, resolve_data_root
 
 __all__ = [
@@ -383,7 +383,7 @@ def load_medmnist(flag: str, cfg: DataConfig, seed: int) -> DatasetBundle:
             "chestmnist is multi-label: binarised to 'no finding' (all 14 labels 0) vs "
             "'finding' (any label 1)"
         )
-    splits: dict[str, ImageSplit] = {}
+    splits: dict[str, ImageData] = {}
     with np.load(path, allow_pickle=False) as data:
         needed = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")]
         missing = [k for k in needed if k not in data.files]
@@ -404,7 +404,7 @@ def load_medmnist(flag: str, cfg: DataConfig, seed: int) -> DatasetBundle:
                     f"{path}: {split}_labels outside 0..{len(class_names) - 1} "
                     f"({len(class_names)} classes for {flag})"
                 )
-            splits[split] = ImageSplit(images, labels)
+            splits[split] = ImageData(images, labels)
 
     in_channels = int(splits["train"].images.shape[1])
     return DatasetBundle(

@@ -31,11 +31,11 @@ from consilia.common.data.datasets.base import (
     DATASETS,
     DatasetBundle,
     DatasetNotFoundError,
-    ImageSplit,
     split_fractions_text,
     square_size,
     stratified_split,
 )
+from consilia.common.data.images import ImageData
 from consilia.common.paths import default_cache_dir, resolve_data_root
 
 __all__ = [
@@ -216,7 +216,6 @@ def _load_cached(images_dir: Path, entries: list[tuple[str, str]]) -> np.ndarray
     return images
 
 
-@DATASETS.register("mednist")
 def load_mednist(cfg: DataConfig, seed: int) -> DatasetBundle:
     """Load MedNIST with a seeded stratified train/val/test split.
 
@@ -241,7 +240,7 @@ def load_mednist(cfg: DataConfig, seed: int) -> DatasetBundle:
     lookup = {name: i for i, name in enumerate(class_names)}
     labels = np.array([lookup[label] for _, label in entries], dtype=np.int64)
     meta = [{"file": rel} for rel, _ in entries]
-    full = ImageSplit(images, labels, meta)
+    full = ImageData(images, labels, meta)
 
     train_idx, val_idx, test_idx = stratified_split(
         labels, cfg.val_fraction, cfg.test_fraction, seed
@@ -262,3 +261,6 @@ def load_mednist(cfg: DataConfig, seed: int) -> DatasetBundle:
         ),
         source=images_dir,
     )
+
+
+DATASETS.register("mednist", load_mednist)

@@ -14,10 +14,10 @@ from consilia.common.config import DataConfig
 from consilia.common.data.datasets.base import (
     DATASETS,
     DatasetBundle,
-    ImageSplit,
     split_fractions_text,
     stratified_split,
 )
+from consilia.common.data.images import ImageData
 
 __all__ = [
     "SYNTHETIC_CHANNELS",
@@ -93,7 +93,6 @@ def make_synthetic(
     return images, labels
 
 
-@DATASETS.register("synthetic")
 def load_synthetic(cfg: DataConfig, seed: int) -> DatasetBundle:
     """Generate the synthetic dataset and split it (seeded, stratified).
 
@@ -114,7 +113,7 @@ def load_synthetic(cfg: DataConfig, seed: int) -> DatasetBundle:
     size = cfg.image_size or SYNTHETIC_SIZE
     total = cfg.max_samples or SYNTHETIC_SAMPLES
     images, labels = make_synthetic(total, SYNTHETIC_NUM_CLASSES, SYNTHETIC_CHANNELS, size, seed)
-    full = ImageSplit(images, labels)
+    full = ImageData(images, labels)
     train_idx, val_idx, test_idx = stratified_split(
         labels, cfg.val_fraction, cfg.test_fraction, seed
     )
@@ -133,3 +132,6 @@ def load_synthetic(cfg: DataConfig, seed: int) -> DatasetBundle:
         ),
         source=None,
     )
+
+
+DATASETS.register("synthetic", load_synthetic)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from consilia.client.privacy.discarded_grads import skip_discarded_conv_grads
+from consilia.client.privacy.dpsgd import enable_fast_dp_step
 from consilia.client.privacy.grad_samplers import (
     FAST_GRAD_SAMPLERS,
     conv2d_grad_sample,
@@ -21,9 +22,8 @@ from consilia.client.privacy.grad_samplers import (
     group_norm_grad_sample,
     register_fast_grad_samplers,
 )
-from consilia.client.privacy.controller import enable_fast_dp_step
-from consilia.common.training.allocator import retain_freed_memory
 from consilia.common.models import build_model
+from consilia.common.training.allocator import retain_freed_memory
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -17,21 +18,19 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from consilia.client.privacy import controller as privacy_module
-from consilia.client.privacy.ledger import LedgerCorruptError, PrivacyLedger
-from consilia.client.privacy.controller import (
+from consilia.client.privacy.budget import PrivacyBudgetExceeded, PrivacyConfigError
+from consilia.client.privacy.controller import PrivacyController
+from consilia.client.privacy.dpsgd import (
     GRAD_SAMPLE_MODES,
-    MEASURED_GRAD_SAMPLE_MODE,
-    PrivacyBudgetExceeded,
-    PrivacyConfigError,
-    PrivacyController,
     apply_proximal_gradient,
     choose_grad_sample_mode,
-    default_delta,
     train_private_epochs,
 )
+from consilia.client.privacy.ledger import LedgerCorruptError, PrivacyLedger
+from consilia.client.privacy.planning import default_delta
 from consilia.common.config import DPConfig
-from consilia.common.training.engine import snapshot_params
 from consilia.common.models import MODELS, build_model
+from consilia.common.training.engine import snapshot_params
 
 N, BATCH, SIZE = 128, 4, 28  # q = 1/32: cheap to account, 32 DP-SGD steps per epoch
 KEY = "site-a/train"
@@ -400,9 +399,12 @@ def test_gdp_ledger_cannot_compose_a_new_sampling_rate(tmp_path: Path) -> None:
 def test_grad_sample_mode_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert choose_grad_sample_mode("not-a-model") == "hooks"
     assert choose_grad_sample_mode(None) == "hooks"
-    for name, mode in MEASURED_GRAD_SAMPLE_MODE.items():
+    measured_grad_sample_mode = {name: MODELS.get(name).dp_grad_sample_mode
+                                 for name in MODELS.names()}
+    for name, mode in measured_grad_sample_mode.items():
         assert name in MODELS.names() and mode in GRAD_SAMPLE_MODES
-    monkeypatch.setitem(MEASURED_GRAD_SAMPLE_MODE, "cnn", "ghost")
+    monkeypatch.setitem(MODELS._entries, "cnn",
+                        dataclasses.replace(MODELS.get("cnn"), dp_grad_sample_mode="ghost"))
     ctrl = PrivacyController(_dp(grad_sample_mode="auto"), 8.0, None,
                              PrivacyLedger(tmp_path / "l.json"), KEY, model_name="cnn")
     assert ctrl.resolve_grad_sample_mode(nn.CrossEntropyLoss()) == "ghost"
@@ -496,3 +498,12 @@ def test_release_noise_comes_from_the_os_at_a_real_site(tmp_path: Path) -> None:
     assert site.release_rng().normal() != site.release_rng().normal()
     sim = _release_controller(tmp_path / "m.json")
     assert sim.release_rng().normal() == sim.release_rng().normal()
+
+
+def test_model_specs_carry_the_measured_grad_sample_modes() -> None:
+    measured = {"cnn": "hooks", "lenet5": "ew", "alexnet": "ghost", "efficientnet_b0": "hooks",
+                "densenet121": "hooks", "inception": "hooks", "resnet18": "hooks",
+                "vgg11": "hooks", "vit": "hooks"}
+    for name, mode in measured.items():
+        assert MODELS.get(name).dp_grad_sample_mode == mode
+        assert choose_grad_sample_mode(name) == mode

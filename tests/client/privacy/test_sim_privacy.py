@@ -16,8 +16,8 @@ from flwr.app import (
     RecordDict,
 )
 
-from consilia.client.privacy.ledger import PrivacyLedger
 from consilia.client.privacy.controller import PrivacyController
+from consilia.client.privacy.ledger import PrivacyLedger
 from consilia.client.privacy.simulated_sites import (
     round_noise_seed,
     sim_ledger_path,

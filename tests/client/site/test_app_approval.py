@@ -151,7 +151,7 @@ def test_real_site_serves_approved_and_refuses_unapproved_bundles(tmp_path):
 
 
 def test_worker_refusal_text_names_the_site_once():
-    from consilia.client.site.config import SitePolicyViolation
+    from consilia.client.site.policy import SitePolicyViolation
     from consilia.client.site.worker import _failure_text, _is_refusal, _refusal_text
 
     policy = SitePolicyViolation("model 'vit' is not allowed by this site's policy (allowed: cnn)")
@@ -181,7 +181,7 @@ def test_worker_logs_the_round_from_the_instruction_when_flower_sets_no_group_id
 
 
 def test_worker_asks_for_tasks_quickly_right_after_one_and_slowly_when_idle(tmp_path, monkeypatch):
-    from consilia.client import site_worker as module
+    from consilia.client.site import worker as module
 
     site = write_site(tmp_path / "site")
     worker = module.SiteWorker(site, "127.0.0.1:1", None, poll_interval_s=0.5,

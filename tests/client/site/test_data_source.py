@@ -14,15 +14,14 @@ from dicom_testkit import write_dicom
 from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 
-from consilia.client.site import data_sources as data_source
-from consilia.client.site.data_sources import (
+from consilia.client.site.data_sources import dicom_tree as data_source
+from consilia.client.site.data_sources.config import (
     DataSourceConfig,
     DataSourceError,
     DicomSourceConfig,
     ImageFolderSourceConfig,
-    load_site_data,
-    scan_site_data,
 )
+from consilia.client.site.data_sources.loading import load_site_data, scan_site_data
 
 CLASSES = ["normal", "pneumonia"]
 

@@ -10,17 +10,10 @@ import pytest
 import yaml
 from site_testkit import write_site
 
-from consilia.client.site.config import (
-    SitePolicy,
-    SitePolicyViolation,
-    _cap_batch,
-    check_policy,
-    default_approved_apps,
-    load_deployed_site,
-    load_site_config,
-    site_dp_request,
-    stratified_split,
-)
+from consilia.client.site.assembly import cap_batch as _cap_batch
+from consilia.client.site.assembly import load_deployed_site, stratified_split
+from consilia.client.site.config import SitePolicy, default_approved_apps, load_site_config
+from consilia.client.site.policy import SitePolicyViolation, check_policy, site_dp_request
 from consilia.common.config import ConfigError, DPConfig, ModelConfig, TaskSpec, TrainConfig
 from consilia.common.instructions import RoundInstruction
 

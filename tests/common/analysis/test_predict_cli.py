@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from consilia.common.config import ModelConfig, PreprocessConfig, RunConfig, TaskSpec, TrainConfig
-from consilia.common.serde import load_checkpoint, model_from_run_config, save_checkpoint
-from consilia.common.data.transforms import build_eval_transform
 from consilia.common.analysis.predict import collect_inputs, load_image, main, predict_files
+from consilia.common.config import ModelConfig, PreprocessConfig, RunConfig, TaskSpec, TrainConfig
+from consilia.common.data.transforms import build_eval_transform
+from consilia.common.serde import load_checkpoint, model_from_run_config, save_checkpoint
 
 CLASSES = ["normal", "abnormal", "other"]
 

@@ -16,7 +16,6 @@ from consilia.common.data.datasets import (
     MEDMNIST_FLAGS,
     DatasetBundle,
     DatasetNotFoundError,
-    ImageSplit,
     load_dataset,
     load_site_npz,
     make_synthetic,
@@ -26,6 +25,7 @@ from consilia.common.data.datasets import (
 )
 from consilia.common.data.datasets import mednist as mednist_module
 from consilia.common.data.datasets.medmnist import MEDMNIST_INFO, find_medmnist_file, medmnist_url
+from consilia.common.data.images import ImageData
 from consilia.common.registry import UnknownNameError
 
 MEDNIST_TOTAL = 11_791
@@ -88,10 +88,10 @@ def test_unknown_dataset_lists_allowed_names() -> None:
 
 def test_image_split_validates_inputs() -> None:
     with pytest.raises(ValueError, match="uint8"):
-        ImageSplit(np.zeros((2, 1, 4, 4), np.float32), np.zeros(2, np.int64))
+        ImageData(np.zeros((2, 1, 4, 4), np.float32), np.zeros(2, np.int64))
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        ImageSplit(np.zeros((2, 1, 4, 4), np.uint8), np.zeros(3, np.int64))
-    split = ImageSplit(np.zeros((2, 1, 4, 4), np.uint8), np.array([0, 1], np.uint8))
+        ImageData(np.zeros((2, 1, 4, 4), np.uint8), np.zeros(3, np.int64))
+    split = ImageData(np.zeros((2, 1, 4, 4), np.uint8), np.array([0, 1], np.uint8))
     assert split.labels.dtype == np.int64
     assert split.subset([1]).labels.tolist() == [1]
 
@@ -390,7 +390,7 @@ def test_medmnist_bad_files_name_the_file(tmp_path: Path, cache_home: Path) -> N
 
 def test_site_npz_round_trip(tmp_path: Path) -> None:
     images, labels = make_synthetic(12, size=8, seed=0)
-    train, val = ImageSplit(images[:9], labels[:9]), ImageSplit(images[9:], labels[9:])
+    train, val = ImageData(images[:9], labels[:9]), ImageData(images[9:], labels[9:])
     path = save_site_npz(tmp_path / "sites" / "site-00.npz", train, val, ["a", "b", "c"])
     got_train, got_val, names = load_site_npz(path)
     assert np.array_equal(got_train.images, train.images)

@@ -1,23 +1,20 @@
-"""Tests for consilia.common.data.transforms (pipelines, in-memory dataset, seeded loaders)."""
+"""Tests for consilia.common.data.transforms (resize, augmentation, preprocessing pipelines)."""
 
 from __future__ import annotations
 
 import pickle
 
-import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor, get_track_meta
 
 from consilia.common.config import AugmentationConfig, PreprocessConfig
 from consilia.common.data.transforms import (
-    ImageArrayDataset,
     ImagePipeline,
     LowFrequencyBiasCorrection,
     build_eval_transform,
     build_train_transform,
     identity,
-    make_loader,
 )
 
 ALL_ON = AugmentationConfig(enabled=True, prob=1.0, elastic=True, bias_field=True)
@@ -175,98 +172,3 @@ def test_bias_field_correction_flattens_smooth_shading() -> None:
     assert torch.equal(corrected[disk[None] == 0], image[disk[None] == 0])  # background kept
     pipeline = build_eval_transform(PreprocessConfig(bias_field_correction=True), None)
     torch.testing.assert_close(pipeline(image), corrected)
-
-
-def test_dataset_fast_path() -> None:
-    images = np.arange(2 * 1 * 4 * 4, dtype=np.uint8).reshape(2, 1, 4, 4)
-    labels = np.array([1, 0], dtype=np.int32)
-    ds = ImageArrayDataset(images, labels)
-    assert len(ds) == 2
-    assert ds.labels.dtype == np.int64
-    np.testing.assert_array_equal(ds.labels, [1, 0])
-    x, y = ds[1]
-    assert x.dtype == torch.float32 and x.shape == (1, 4, 4)
-    torch.testing.assert_close(x, torch.from_numpy(images[1]).float() / 255)
-    assert y.dtype == torch.int64 and y.ndim == 0 and int(y) == 0
-
-
-def test_dataset_with_deterministic_transform_precomputes_once() -> None:
-    images = np.full((3, 1, 8, 8), 255, dtype=np.uint8)
-    transform = build_eval_transform(PreprocessConfig(), 4)
-    ds = ImageArrayDataset(images, np.array([0, 1, 2]), transform)
-    x, y = ds[2]
-    assert x.shape == (1, 4, 4)
-    torch.testing.assert_close(x, torch.ones(1, 4, 4))
-    assert int(y) == 2
-    assert ds.transform is transform
-
-    calls = []
-
-    def counting(image: torch.Tensor) -> torch.Tensor:
-        calls.append(1)
-        return transform(image)
-
-    pipeline = ImagePipeline([counting], deterministic=True)
-    ds = ImageArrayDataset(images, np.array([0, 1, 2]), pipeline)
-    _ = [ds[i] for i in range(3)] + [ds[i] for i in range(3)]
-    assert len(calls) == 3  # once per image, at construction
-
-
-def test_dataset_with_random_transform_runs_per_sample() -> None:
-    images = np.full((2, 1, 8, 8), 200, dtype=np.uint8)
-    transform = build_train_transform(ALL_ON, PreprocessConfig(), 6, seed=0)
-    ds = ImageArrayDataset(images, np.array([0, 1]), transform)
-    first, second = ds[0][0], ds[0][0]
-    assert first.shape == (1, 6, 6)
-    assert not torch.equal(first, second)  # a fresh augmentation on every access
-
-
-@pytest.mark.parametrize(
-    ("images", "labels", "match"),
-    [
-        (np.zeros((2, 1, 4, 4), dtype=np.float32), np.array([0, 1]), "uint8"),
-        (np.zeros((2, 4, 4), dtype=np.uint8), np.array([0, 1]), "channel axis"),
-        (np.zeros((2, 1, 4, 4), dtype=np.uint8), np.array([0.0, 1.0]), "integer"),
-        (np.zeros((2, 1, 4, 4), dtype=np.uint8), np.array([0, 1, 1]), "2 images but 3"),
-    ],
-)
-def test_dataset_validation(images, labels, match) -> None:
-    with pytest.raises(ValueError, match=match):
-        ImageArrayDataset(images, labels)
-
-
-def _labels_in_order(loader) -> list[int]:
-    return [int(v) for _, y in loader for v in y]
-
-
-def test_loader_shuffle_is_seeded() -> None:
-    images = np.zeros((20, 1, 4, 4), dtype=np.uint8)
-    ds = ImageArrayDataset(images, np.arange(20))
-    first = _labels_in_order(make_loader(ds, 4, shuffle=True, seed=3))
-    assert first == _labels_in_order(make_loader(ds, 4, shuffle=True, seed=3))
-    assert first != _labels_in_order(make_loader(ds, 4, shuffle=True, seed=4))
-    assert sorted(first) == list(range(20))
-    assert _labels_in_order(make_loader(ds, 4, shuffle=False, seed=3)) == list(range(20))
-    xb, yb = next(iter(make_loader(ds, 4, shuffle=False, seed=0)))
-    assert xb.shape == (4, 1, 4, 4) and yb.dtype == torch.int64
-    with pytest.raises(ValueError, match="batch_size"):
-        make_loader(ds, 0, shuffle=True, seed=0)
-
-
-def test_loader_augmentation_reproducible_and_distinct_per_worker() -> None:
-    images = np.full((4, 1, 16, 16), 128, dtype=np.uint8)
-    images[:, :, 4:12, 2:6] = 250
-
-    def batches(num_workers: int) -> list[torch.Tensor]:
-        transform = build_train_transform(ALL_ON, PreprocessConfig(), None, seed=0)
-        ds = ImageArrayDataset(images, np.zeros(4, dtype=np.int64), transform)
-        subset = torch.utils.data.Subset(ds, [0, 1, 2, 3])  # workers find the transform inside
-        loader = make_loader(subset, 1, shuffle=False, seed=11, num_workers=num_workers)
-        return [x for x, _ in loader]
-
-    serial = batches(0)
-    assert all(torch.equal(a, b) for a, b in zip(serial, batches(0), strict=True))
-    parallel = batches(2)
-    assert all(torch.equal(a, b) for a, b in zip(parallel, batches(2), strict=True))
-    # batch 0 comes from worker 0, batch 1 from worker 1: same input, different streams
-    assert not torch.equal(parallel[0], parallel[1])

@@ -10,7 +10,14 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
-from consilia.common.evaluation.metrics import ClassificationMetrics, compute_metrics, softmax_probs
+from consilia.common.evaluation.metrics import (
+    METRIC_NAMES,
+    ClassificationMetrics,
+    compute_metrics,
+    macro_auc,
+    point_metrics,
+    softmax_probs,
+)
 
 
 def _binary_case() -> tuple[np.ndarray, np.ndarray]:
@@ -201,3 +208,36 @@ def test_softmax_probs() -> None:
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
     with pytest.raises(ValueError, match=r"\(N, C\)"):
         softmax_probs(torch.zeros(3))
+
+
+# -- point metrics on plain arrays equal compute_metrics (the run's final_metrics.json) --------
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_point_metrics_equal_compute_metrics_headline(rng, num_classes):
+    y = rng.integers(0, num_classes, 300)
+    p = rng.dirichlet(np.ones(num_classes), 300)
+    p[np.arange(300), y] += 0.3 * rng.random(300)  # some signal
+    p /= p.sum(axis=1, keepdims=True)
+    p[:20] = np.round(p[:20], 1)  # ties
+    p /= p.sum(axis=1, keepdims=True)
+    ours = point_metrics(y, p)
+    reference = compute_metrics(y, p, [f"c{k}" for k in range(num_classes)]).headline()
+    for name in METRIC_NAMES:
+        assert ours[name] == pytest.approx(reference[name], abs=1e-12), name
+
+
+def test_macro_auc_handles_missing_class_and_binary_scores():
+    y = np.array([0, 0, 1, 1])
+    assert macro_auc(y, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    y3 = np.array([0, 0, 1, 1])  # class 2 absent: macro over the classes present
+    p3 = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]])
+    assert macro_auc(y3, p3) == pytest.approx(1.0)
+    assert math.isnan(macro_auc(np.zeros(3, int), np.full((3, 2), 0.5)))
+
+
+def test_bad_input_is_rejected_with_a_clear_message():
+    with pytest.raises(ValueError, match="3 labels but y_prob has 2 rows"):
+        point_metrics([0, 1, 1], np.full((2, 2), 0.5))
+    with pytest.raises(ValueError, match="class index 5"):
+        point_metrics([0, 5], np.full((2, 2), 0.5))

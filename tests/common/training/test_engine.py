@@ -2,7 +2,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from consilia.common.training.engine import evaluate_model, proximal_term, snapshot_params, train_epochs
+from consilia.common.training.engine import proximal_term, snapshot_params, train_epochs
+from consilia.common.training.inference import evaluate_model
 
 
 def _tiny_model() -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from monai.losses import FocalLoss as MonaiFocalLoss
 from opacus import GradSampleModule
 from torch import nn
 
+from consilia.common.config import TrainConfig
+from consilia.common.training.losses import LOSSES as LOSS_REGISTRY
 from consilia.common.training.losses import build_loss, class_weights_from_counts
 
 LOSSES = ("cross_entropy", "bce", "focal")
@@ -219,3 +222,8 @@ def test_weights_move_with_module() -> None:
     assert "weight" in dict(loss.named_buffers())
     converted = loss.to(torch.float64)
     assert converted.weight.dtype == torch.float64
+
+
+def test_loss_registry_holds_exactly_the_names_the_config_allows() -> None:
+    allowed = typing.get_args(TrainConfig.model_fields["loss"].annotation)
+    assert LOSS_REGISTRY.names() == sorted(allowed)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 from torch import nn
 
-from consilia.common.training.optimizers import build_optimizer
+from consilia.common.config import TrainConfig
+from consilia.common.training.optimizers import OPTIMIZERS, build_optimizer
 
 
 @pytest.mark.parametrize(
@@ -37,3 +40,8 @@ def test_build_optimizer_validation() -> None:
         build_optimizer("sgd", params, lr=0.1, momentum=1.0)
     with pytest.raises(ValueError, match="train.weight_decay"):
         build_optimizer("adam", params, lr=0.1, weight_decay=-1.0)
+
+
+def test_optimizer_registry_holds_exactly_the_names_the_config_allows() -> None:
+    allowed = typing.get_args(TrainConfig.model_fields["optimizer"].annotation)
+    assert OPTIMIZERS.names() == sorted(allowed)

@@ -17,8 +17,17 @@ import yaml
 
 from consilia.common.config import ConfigError, RunConfig
 from consilia.server.control import cli
-from consilia.server.control.flwr_cli import Connection, FlowerOperator, OperatorError, write_connection
-from consilia.server.control.proxy import ProxyConfigError, operators_allow_file, render_proxy_config
+from consilia.server.control.flwr_cli import (
+    Connection,
+    FlowerOperator,
+    OperatorError,
+    write_connection,
+)
+from consilia.server.control.proxy import (
+    ProxyConfigError,
+    operators_allow_file,
+    render_proxy_config,
+)
 from consilia.server.control.run_launcher import (
     check_test_set,
     format_round,
@@ -476,19 +485,30 @@ class _Reply:
 
 
 class _Recorder:
+    """Round hooks that note each call (see consilia.server.round_hooks.RoundHooks)."""
+
     def __init__(self):
         self.calls = []
 
-    def record_replies(self, rnd, replies, phase):
+    def _replies(self, rnd, replies, phase):
         self.calls.append(("replies", rnd, phase, len(list(replies))))
 
-    def incomplete_round(self, rnd, phase, answered, required):
-        self.calls.append(("incomplete", rnd, phase, answered, required))
+    def on_failed_replies(self, rnd, replies, phase):
+        self._replies(rnd, replies, phase)
 
-    def aggregated(self, phase, metrics):
-        self.calls.append(("aggregated", phase))
+    def on_train_incomplete(self, rnd, replies, answered, required):
+        self._replies(rnd, replies, "train")
+        self.calls.append(("incomplete", rnd, "train", answered, required))
 
-    def record_late_evaluation(self, model_round, with_round, replies, aggregate):
+    def on_train_aggregated(self, rnd, replies, metrics):
+        self._replies(rnd, replies, "train")
+        self.calls.append(("aggregated", "train"))
+
+    def on_site_evaluation(self, rnd, replies, metrics):
+        self._replies(rnd, replies, "evaluate")
+        self.calls.append(("aggregated", "federated_eval"))
+
+    def on_late_site_evaluation(self, model_round, with_round, replies, aggregate):
         self.calls.append(("late", model_round, with_round))
 
 
@@ -509,7 +529,7 @@ def test_round_with_fewer_than_min_sites_keeps_the_global_model():
 def test_fast_poll_grid_returns_replies_without_flowers_3s_steps():
     import time as _time
 
-    from consilia.server.fast_grid import FastPollGrid
+    from consilia.common.flower.fast_grid import FastPollGrid
 
     class _Grid:
         run = "delegated"

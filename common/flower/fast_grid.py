@@ -8,8 +8,9 @@ public ``push_messages``/``pull_messages``, polling after 0.05 s and then backin
 ``max_poll_s``; everything else is delegated unchanged. It also makes the Grid's own fetch of
 a reply's arrays retry after 50 ms instead of 1 s (:mod:`consilia.common.flower.object_pulls`).
 
-``consilia.server.app`` wraps its Grid with it; ``app`` here is the same ServerApp *without*
-the wrapper (Flower's plain polling), kept so the benchmark can compare both.
+``consilia.server.app`` wraps its Grid with it; ``consilia.server.plain_grid_app:app`` is the
+same ServerApp *without* the wrapper (Flower's plain polling), kept so the benchmark can
+compare both.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Context, Message
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
 
+from consilia.common.flower.compat import require_supported_flower
 from consilia.common.flower.object_pulls import quicker_object_pulls
 
-__all__ = ["FastPollGrid", "app"]
+require_supported_flower()
+
+__all__ = ["FastPollGrid"]
 
 
 def _quicker_reply_object_pulls(grid: Grid) -> None:
@@ -34,7 +38,7 @@ def _quicker_reply_object_pulls(grid: Grid) -> None:
         quicker_object_pulls(module)
 
 
-class FastPollGrid:
+class FastPollGrid(Grid):
     """A Grid whose ``send_and_receive`` polls replies with a short, growing interval.
 
     Parameters
@@ -55,6 +59,36 @@ class FastPollGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
+    # -- the Grid interface, delegated ------------------------------------------------------
+
+    def set_run(self, run: Any) -> None:
+        """Set the run of the wrapped Grid."""
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        """The wrapped Grid's run."""
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Create a message with the wrapped Grid."""
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Return the wrapped Grid's node ids."""
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push ``messages`` through the wrapped Grid."""
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull the replies to ``message_ids`` from the wrapped Grid."""
+        return self._grid.pull_messages(message_ids)
+
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
@@ -74,15 +108,3 @@ class FastPollGrid:
             wait = self.first_poll_s if got else min(wait * 1.5, self.max_poll_s)
             time.sleep(wait if timeout is None else max(0.0, min(wait, end - time.time())))
         return replies
-
-
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run the Consilia federation on Flower's plain Grid (benchmark baseline)."""
-    from consilia.server.app import load_run, run_federation
-
-    run, run_dir = load_run(context)
-    run_federation(grid, run, run_dir)

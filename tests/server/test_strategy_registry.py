@@ -1,0 +1,67 @@
+"""Contract of the strategy registry: every name a run may configure builds its strategy."""
+
+from __future__ import annotations
+
+import typing
+from collections import OrderedDict
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from consilia.common.config import DPConfig, StrategyConfig
+from consilia.common.registry import UnknownNameError
+from consilia.server.central_dp import AccountedServerSideClipping
+from consilia.server.round_hooks import NoRecording
+from consilia.server.strategy import STRATEGIES, RecordingStrategy, build_strategy
+
+FLOWER_CLASS = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+
+
+class _Grid:
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+
+def test_the_registry_holds_exactly_the_names_the_config_accepts() -> None:
+    allowed = typing.get_args(StrategyConfig.model_fields["name"].annotation)
+    assert STRATEGIES.names() == sorted(allowed)
+
+
+@pytest.mark.parametrize("name", STRATEGIES.names())
+def test_each_registered_strategy_is_a_recording_flower_strategy(name: str) -> None:
+    cfg = StrategyConfig(name=name, rounds=4, min_train_sites=2, min_evaluate_sites=2,
+                         min_available_sites=2)
+    hooks = NoRecording()
+    strategy = build_strategy(cfg, DPConfig(), hooks)
+    assert isinstance(strategy, RecordingStrategy)
+    assert isinstance(strategy, FLOWER_CLASS[name])
+    assert strategy.hooks is hooks and strategy.total_rounds == 4
+    assert strategy.min_train_nodes == 2 and strategy.fraction_train == cfg.fraction_train
+
+
+def test_fedprox_sends_its_mu_and_fedadam_gets_its_server_optimizer() -> None:
+    prox = build_strategy(StrategyConfig(name="fedprox", proximal_mu=0.25, min_train_sites=2,
+                                         min_evaluate_sites=2, min_available_sites=2),
+                          DPConfig(), None)
+    arrays = ArrayRecord(OrderedDict(w=torch.zeros(2)))
+    messages = list(prox.configure_train(1, arrays, ConfigRecord({}), _Grid()))
+    assert {float(m.content["config"]["proximal-mu"]) for m in messages} == {0.25}
+    adam = build_strategy(StrategyConfig(name="fedadam", server_lr=0.05, min_train_sites=2,
+                                         min_evaluate_sites=2, min_available_sites=2),
+                          DPConfig(), None)
+    assert isinstance(adam, FedAdam) and adam.eta == pytest.approx(0.05)
+
+
+def test_central_dp_wraps_the_registered_strategy_with_the_same_hooks() -> None:
+    hooks = NoRecording()
+    strategy = build_strategy(StrategyConfig(name="fedavg"),
+                              DPConfig(enabled=True, mode="central"), hooks)
+    assert isinstance(strategy, AccountedServerSideClipping)
+    assert isinstance(strategy.strategy, RecordingStrategy) and strategy.hooks is hooks
+
+
+def test_an_unknown_name_lists_the_registered_ones() -> None:
+    with pytest.raises(UnknownNameError, match="fedadam, fedavg, fedprox"):
+        STRATEGIES.get("krum")
