@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from consilia.common.training.engine import seed_everything, snapshot_params, tr
 from consilia.common.training.inference import eval_dataset, eval_loader, evaluate_on
 from consilia.common.training.losses import build_loss
 from consilia.common.training.optimizers import build_optimizer
+
+if TYPE_CHECKING:  # annotations only: the trainer runs without Opacus when DP is off
+    from consilia.client.privacy.controller import PrivacyController
 
 __all__ = ["SiteTrainer", "build_task_model", "train_model"]
 
@@ -56,7 +60,7 @@ def train_model(
     epochs: int,
     seed: int,
     proximal_mu: float = 0.0,
-    privacy: object | None = None,
+    privacy: PrivacyController | None = None,
     on_epoch_end: Callable[[int, float], None] | None = None,
 ) -> tuple[float, int, int]:
     """Train ``model`` in place on ``data``; returns ``(mean loss, num_examples, steps)``.
@@ -75,7 +79,7 @@ def train_model(
     loss_fn = build_loss(train.loss, task.num_classes, counts, train.focal_gamma)
     anchors = snapshot_params(model) if proximal_mu > 0 else None
     if privacy is not None:
-        return privacy.train(  # type: ignore[attr-defined]
+        return privacy.train(
             model, optimizer, loader, loss_fn, epochs, proximal_mu, anchors
         )
     result = train_epochs(
@@ -108,7 +112,7 @@ class SiteTrainer:
     val_data: ImageData | None
     site_index: int = 0
     threads: int | None = None
-    privacy_factory: Callable[[RoundInstruction, int], object | None] | None = None
+    privacy_factory: Callable[[RoundInstruction, int], PrivacyController | None] | None = None
     _model_cache: dict = field(default_factory=dict, repr=False)
 
     def _built_model(self, instr: RoundInstruction) -> nn.Module:
@@ -129,7 +133,7 @@ class SiteTrainer:
 
     def state_template(self, instr: RoundInstruction) -> OrderedDict:
         """Return the run's model ``state_dict`` (names, shapes, dtypes) for unpacking weights."""
-        return self._built_model(instr).state_dict()
+        return cast(OrderedDict, self._built_model(instr).state_dict())
 
     def fit(self, state: OrderedDict, instr: RoundInstruction) -> tuple[OrderedDict, dict]:
         """Train from the global ``state``; return the new weights and scalar metrics."""
@@ -152,9 +156,9 @@ class SiteTrainer:
         }
         if privacy is not None:
             metrics[MetricKey.DP_ENABLED.value] = 1.0
-            metrics[MetricKey.EPSILON.value] = float(privacy.spent_epsilon())  # type: ignore[attr-defined]
+            metrics[MetricKey.EPSILON.value] = float(privacy.spent_epsilon())
             metrics[MetricKey.DELTA.value] = float(
-                privacy.effective_delta(len(self.train_data))  # type: ignore[attr-defined]
+                privacy.effective_delta(len(self.train_data))
             )
         inner = getattr(model, "_module", model)
         return clean_state_dict(inner.state_dict()), metrics
@@ -169,6 +173,7 @@ class SiteTrainer:
         if not self.has_validation_data:
             raise ValueError(f"site {self.name} has no held-out validation data")
         data = self.val_data
+        assert data is not None  # has_validation_data
         model = self._model(instr, state)
         res = evaluate_on(model, data, instr.train, instr.task)
         head = compute_metrics(res.y_true, res.y_prob, instr.task.class_names).headline()
@@ -202,7 +207,11 @@ class SiteTrainer:
         return self.privacy_factory(instr, len(self.train_data))
 
     def private_feature_stats(
-        self, state: OrderedDict, instr: RoundInstruction, privacy: object, clip_norm: float
+        self,
+        state: OrderedDict,
+        instr: RoundInstruction,
+        privacy: PrivacyController,
+        clip_norm: float,
     ) -> tuple[FeatureStats, float, float]:
         """Feature statistics through the Gaussian mechanism, accounted before they leave.
 
@@ -217,14 +226,16 @@ class SiteTrainer:
         """
         if not len(self.train_data):
             raise ValueError(f"site {self.name} has no training images")
-        sigma = float(privacy.release_noise_multiplier)  # type: ignore[attr-defined]
-        epsilon = privacy.release_feature_statistics(  # type: ignore[attr-defined]
+        if privacy.release_noise_multiplier is None:
+            raise ValueError(f"site {self.name}: no noise is planned for a statistics release")
+        sigma = float(privacy.release_noise_multiplier)
+        epsilon = privacy.release_feature_statistics(
             len(self.train_data))
         model = self._model(instr, state)
         loader = eval_loader(self.train_data, instr.train, instr.task, 256)
         stats = collect_feature_stats(model, loader, instr.task.num_classes, 1,
                                       clip_norm=clip_norm)
-        rng = privacy.release_rng()  # type: ignore[attr-defined]
+        rng = privacy.release_rng()
         return stats.with_gaussian_noise(sigma, clip_norm, rng), float(epsilon), sigma
 
 

@@ -11,8 +11,9 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
-__all__ = ["CONSOLE", "SITE", "LogFormat", "setup_logging"]
+__all__ = ["CONSOLE", "SITE", "TOOL", "LogFormat", "setup_logging"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class LogFormat:
 CONSOLE = LogFormat("%(asctime)s %(message)s", "%H:%M:%S")
 #: Site processes (``fl-client``, the site worker): ``2026-01-01 12:00:01 INFO message``.
 SITE = LogFormat("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+#: One-shot tools whose stdout is their result (``fl-report``, ``fl-predict``): ``INFO message``
+#: on stderr.
+TOOL = LogFormat("%(levelname)s %(message)s", "%H:%M:%S")
 
 
 def setup_logging(
@@ -38,6 +42,7 @@ def setup_logging(
     log_file: Path | None = None,
     fmt: LogFormat = CONSOLE,
     quiet_flower: bool = False,
+    stream: TextIO | None = None,
 ) -> logging.Logger:
     """Send the ``consilia`` logger to stdout (and ``log_file``), replacing earlier handlers.
 
@@ -51,13 +56,15 @@ def setup_logging(
         :data:`CONSOLE` (default) or :data:`SITE`.
     quiet_flower : bool
         Also set Flower's ``flwr`` logger to WARNING (DEBUG when ``verbose``).
+    stream : TextIO, optional
+        Where console lines go (default stdout).
 
     Returns
     -------
     logging.Logger
         The ``consilia`` logger.
     """
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stdout)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))

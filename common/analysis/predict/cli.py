@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from consilia.common.analysis.predict.classify import predict_files
 from consilia.common.analysis.predict.inputs import collect_inputs
 from consilia.common.analysis.predict.outputs import write_outputs
+from consilia.common.logs import TOOL, setup_logging
 from consilia.common.serde import load_checkpoint
 
 __all__ = ["build_parser", "main"]
@@ -42,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fl-predict``; return the exit code (0 ok, 1 nothing classified, 2 bad input)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(message)s")
+    setup_logging(args.verbose, fmt=TOOL, stream=sys.stderr)
     if args.batch_size < 1:
         print(f"fl-predict: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from consilia.common.analysis.report.document import build_report
+from consilia.common.logs import TOOL, setup_logging
 
 __all__ = ["main"]
 
@@ -28,8 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(message)s")
+    setup_logging(args.verbose, fmt=TOOL, stream=sys.stderr)
     if args.n_boot < 1 or args.gallery < 0:
         print("fl-report: --n-boot must be >= 1 and --gallery >= 0", file=sys.stderr)
         return 2
