@@ -1,1 +1,1 @@
-"""Consilia package."""
+"""The hospital site: ClientApp, trainer and ``fl-client`` (imports only consilia.common)."""

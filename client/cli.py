@@ -54,7 +54,7 @@ def privacy_text(config: SiteConfig) -> str:
 
     Raises
     ------
-    consilia.client.privacy.ledger.LedgerCorruptError
+    consilia.client.privacy.ledger_file.LedgerCorruptError
         If the ledger file exists but cannot be trusted.
 
     """
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     if args.privacy:
-        from consilia.client.privacy.ledger import LedgerCorruptError, PrivacyLedger  # opacus
+        from consilia.client.privacy.ledger import PrivacyLedger  # opacus
+        from consilia.client.privacy.ledger_file import LedgerCorruptError
 
         try:
             if args.json:

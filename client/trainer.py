@@ -160,6 +160,7 @@ class SiteTrainer:
             metrics[MetricKey.DELTA.value] = float(
                 privacy.effective_delta(len(self.train_data))
             )
+            metrics.update(privacy.reply_metrics())  # which accountant the site used
         inner = getattr(model, "_module", model)
         return clean_state_dict(inner.state_dict()), metrics
 

@@ -30,6 +30,7 @@ __all__ = [
     "StrategyConfig",
     "TaskSpec",
     "TrainConfig",
+    "UpdateValidationConfig",
     "apply_overrides",
     "format_validation_error",
     "load_config_file",
@@ -189,6 +190,33 @@ class CalibrationConfig(StrictModel):
     )
 
 
+class UpdateValidationConfig(StrictModel):
+    """Checks every training reply passes before aggregation (``strategy.validation``).
+
+    A reply must match the global model's layout (names, shapes, dtypes), hold only finite
+    values, report a positive whole ``num-examples`` within the caps below, and move the model
+    no further than ``max_update_norm_ratio`` × the round's median update; a reply that fails
+    is dropped and recorded (``rejected`` in ``rounds.jsonl``). The defaults leave honest
+    runs unchanged.
+    """
+
+    max_num_examples: int = Field(
+        default=100_000_000, ge=1,
+        description="largest num-examples a site may report in one reply")
+    max_num_examples_growth: float = Field(
+        default=10.0, ge=1,
+        description="a site may report at most this × the num-examples of its first accepted "
+        "reply in the run (growing data stays possible; one site cannot take over the average)")
+    max_update_norm_ratio: float | None = Field(
+        default=10.0, gt=1,
+        description="largest ||w_site - w_global|| as a multiple of the round's median update "
+        "norm (checked with 3 or more replies); null turns the check off")
+    exclude_after: int | None = Field(
+        default=3, ge=1,
+        description="a site rejected in this many rounds is excluded for the rest of the run; "
+        "null never excludes")
+
+
 class StrategyConfig(StrictModel):
     """The server-side aggregation strategy and round schedule."""
 
@@ -215,6 +243,7 @@ class StrategyConfig(StrictModel):
     server_beta_2: float = Field(default=0.99, ge=0, lt=1)
     server_tau: float = Field(default=1e-3, gt=0)
     calibration: CalibrationConfig = CalibrationConfig()
+    validation: UpdateValidationConfig = UpdateValidationConfig()
 
 
 class DPConfig(StrictModel):

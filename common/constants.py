@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
+    "DP_ACCOUNTANT_METRIC_PREFIX",
     "CalibrationKey",
     "ConfigKey",
     "MessageKey",
@@ -93,6 +94,11 @@ class MetricKey(StrEnum):
     DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
     #: 1.0 when the site trained with DP-SGD this round, else 0.0
     DP_ENABLED = "dp-enabled"
+
+
+#: Prefix of the train-reply metric naming the accountant a DP site used (``dp-accountant-rdp``,
+#: value 1.0): one key per accountant, so Flower's metric aggregation keeps them apart.
+DP_ACCOUNTANT_METRIC_PREFIX = "dp-accountant-"
 
 
 class CalibrationKey(StrEnum):

@@ -1,13 +1,13 @@
-"""Model weights <-> Flower ``ArrayRecord`` and checkpoint files."""
+"""Model weights <-> Flower ``ArrayRecord``, layout fingerprints, and a run config's model.
+
+Model files on disk are :mod:`consilia.common.model_files`.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import OrderedDict
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,11 +23,9 @@ __all__ = [
     "clean_state_dict",
     "layout_digest",
     "load_arrays_into_model",
-    "load_checkpoint",
     "model_from_run_config",
     "pack_state",
     "packed_shapes",
-    "save_checkpoint",
     "unpack_state",
 ]
 
@@ -165,51 +163,3 @@ def model_from_run_config(run: RunConfig) -> nn.Module:
         run.task.image_size,
         **run.model.kwargs,
     )
-
-
-def save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    run: RunConfig,
-    server_round: int,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write a self-describing checkpoint (weights + the config needed to rebuild the model).
-
-    The file is written to a temporary name and renamed, so a crash never leaves a
-    half-written checkpoint behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": "consilia-checkpoint-v1",
-        "round": server_round,
-        "run_config": json.loads(run.model_dump_json()),
-        "state_dict": clean_state_dict(_unwrap(model).state_dict()),
-        "extra": extra or {},
-    }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
-
-
-def load_checkpoint(path: Path) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
-    """Rebuild the model stored in a checkpoint.
-
-    Returns
-    -------
-    tuple
-        ``(model in eval mode, run config, payload metadata: round and extra)``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != "consilia-checkpoint-v1":
-        raise ValueError(f"{path}: not a Consilia checkpoint (expected consilia-checkpoint-v1)")
-    run = RunConfig.model_validate(payload["run_config"])
-    model = model_from_run_config(run)
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
-    return model, run, {"round": payload["round"], "extra": payload.get("extra", {})}

@@ -1,1 +1,1 @@
-"""Consilia package."""
+"""The coordinator: ServerApp, strategies, recorder, CCVR, central DP (imports only common)."""

@@ -16,6 +16,9 @@ site's clipped update. :class:`AccountedServerSideClipping` keeps Flower's
   site moves the aggregate by up to ``w_max·C`` (``w_max`` its weight fraction). The
   accountant therefore uses the effective noise multiplier ``σ·C/m / (w_max·C) = σ/(m·w_max)``
   (equal to ``σ`` for equal weights, smaller otherwise);
+- every reply is screened first (the recording strategy's
+  :meth:`~consilia.server.strategy.RecordingStrategy.screen_train_replies`: layout, finite
+  values, example counts, update norm), before clipping touches its arrays;
 - a site that fails or refuses no longer stops aggregation (Flower skips the whole round on
   any error): its error is recorded and the other sites' updates are aggregated; the
   accounting above covers the smaller set.
@@ -25,14 +28,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 from opacus.accountants import RDPAccountant
 
 from consilia.common.constants import MetricKey
-from consilia.server.round_hooks import NoRecording, RoundHooks
+from consilia.server.round_hooks import RoundHooks
 
 __all__ = ["CENTRAL_DP_KEY", "AccountedServerSideClipping", "client_level_epsilon"]
 
@@ -85,6 +88,9 @@ class AccountedServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
         Delta of the reported epsilon (default 1e-5).
     weight_key : str
         Metric FedAvg weights sites by.
+    screen : callable, optional
+        ``screen(server_round, replies) -> replies`` drops (and records) bad replies before
+        they are clipped; default: keep all.
 
     """
 
@@ -97,12 +103,14 @@ class AccountedServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
         hooks: RoundHooks | None = None,
         delta: float | None = None,
         weight_key: str = MetricKey.NUM_EXAMPLES.value,
+        screen: Callable[[int, Iterable[Message]], list[Message]] | None = None,
     ) -> None:
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
-        self.hooks: RoundHooks = hooks if hooks is not None else NoRecording()
+        self.hooks: RoundHooks = hooks if hooks is not None else RoundHooks()
         self.delta = float(delta) if delta is not None else _DEFAULT_DELTA
         self.weight_key = weight_key
         self.effective_multipliers: list[float] = []
+        self.screen = screen if screen is not None else (lambda _round, replies: list(replies))
 
     def __repr__(self) -> str:
         """Name it as what it is."""
@@ -122,8 +130,8 @@ class AccountedServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Clip, aggregate the sites that answered, add noise, account the release."""
-        replies = list(replies)
+        """Screen, clip, aggregate the sites that answered, add noise, account the release."""
+        replies = self.screen(server_round, replies)
         ok = [r for r in replies if not r.has_error()]
         failed = [r for r in replies if r.has_error()]
         if failed:

@@ -1,4 +1,4 @@
-"""One human line per round (plus one per site failure), from a ``rounds.jsonl`` record.
+"""One human line per round (plus one per site failure or rejection), from a round record.
 
 A late record (the sites' evaluation of a round's model, sent with the next round's
 training) gets a line of its own.
@@ -72,6 +72,13 @@ def format_round(
         site = str(err.get("site"))
         lines.append(f"    ! {names.get(site, site)} {err.get('phase')} failed: "
                      f"{readable_reason(str(err.get('reason')))}")
+    for rej in record.get("rejected") or []:
+        lines.append(f"    ! {rej.get('site')} {rej.get('phase', 'train')} reply rejected: "
+                     f"{rej.get('reason')}")
+    for exc in record.get("excluded") or []:
+        rounds = ", ".join(str(r) for r in exc.get("rejected_rounds") or [])
+        lines.append(f"    ! {exc.get('site')} excluded for the rest of the run (rejected in "
+                     f"round(s) {rounds}); its replies are ignored")
     return lines
 
 

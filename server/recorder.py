@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,9 @@ from consilia.server.central_dp import CENTRAL_DP_KEY
 from consilia.server.checkpoints import save_final_model, save_round_checkpoint
 from consilia.server.progress import format_round
 from consilia.server.round_csv import flatten, write_rounds_csv
-from consilia.server.round_hooks import EvaluationAggregation
+from consilia.server.round_hooks import EvaluationAggregation, RoundHooks
 from consilia.server.site_names import SiteNames
+from consilia.server.update_validation import Exclusion, Rejection
 
 __all__ = ["RunRecorder"]
 
@@ -57,7 +58,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class RunRecorder:
+class RunRecorder(RoundHooks):
     """Collect what happens in each round and write the run directory.
 
     Parameters
@@ -125,6 +126,20 @@ class RunRecorder:
                           phase: str) -> None:
         """Record the refusals and failures among ``phase``'s replies."""
         self._record_replies(server_round, replies, phase)
+
+    def on_rejected_replies(self, server_round: int, rejected: Sequence[Rejection],
+                            excluded: Sequence[Exclusion]) -> None:
+        """Record the replies dropped before aggregation (``rejected``) and exclusions."""
+        for rejection in rejected:
+            self._pending.setdefault("rejected", []).append(rejection.to_dict())
+            logger.warning("round %d: %s's %s reply rejected: %s", server_round,
+                           rejection.site, rejection.phase, rejection.reason)
+        for exclusion in excluded:
+            self._pending.setdefault("excluded", []).append(exclusion.to_dict())
+            logger.warning("round %d: %s (node %d) excluded for the rest of the run after "
+                           "rejected updates in rounds %s; its replies are ignored",
+                           server_round, exclusion.site, exclusion.node,
+                           ", ".join(map(str, exclusion.rounds)))
 
     def on_train_incomplete(self, server_round: int, replies: Iterable[Message],
                             answered: int, required: int) -> None:

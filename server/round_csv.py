@@ -9,6 +9,9 @@ from typing import Any
 
 __all__ = ["flatten", "write_rounds_csv"]
 
+#: Round-record keys holding per-site lists (kept out of the CSV)
+_LIST_KEYS = frozenset({"errors", "rejected", "excluded"})
+
 
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flatten nested dicts with dotted keys (for the CSV view)."""
@@ -25,12 +28,13 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def write_rounds_csv(path: Path, rounds: Sequence[dict[str, Any]]) -> None:
     """Rewrite ``path`` with one row per round record; columns in order of first appearance.
 
-    The per-site ``errors`` list stays out of the CSV (it is in ``rounds.jsonl``).
+    The per-site lists (``errors``, ``rejected``, ``excluded``) stay out of the CSV (they are
+    in ``rounds.jsonl``).
     """
     rows = [flatten(r) for r in rounds]
     columns: list[str] = []
     for row in rows:
-        columns.extend(c for c in row if c not in columns and c != "errors")
+        columns.extend(c for c in row if c not in columns and c not in _LIST_KEYS)
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

@@ -9,19 +9,24 @@ global evaluation of the round's model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-__all__ = ["EvaluationAggregation", "NoRecording", "RoundHooks"]
+from consilia.server.update_validation import Exclusion, Rejection
+
+__all__ = ["EvaluationAggregation", "RoundHooks"]
 
 #: A strategy's aggregation of evaluation metrics over reply contents.
 EvaluationAggregation = Callable[[list[RecordDict]], MetricRecord | None]
 
 
-class RoundHooks(Protocol):
-    """The points of a round at which the recorder learns what happened."""
+class RoundHooks:
+    """The points of a round at which the recorder learns what happened.
+
+    Every hook does nothing here: a strategy built without a recorder gets this base class,
+    and :class:`~consilia.server.recorder.RunRecorder` overrides the hooks it records.
+    """
 
     def on_late_site_evaluation(
         self,
@@ -35,6 +40,10 @@ class RoundHooks(Protocol):
     def on_failed_replies(self, server_round: int, replies: Iterable[Message],
                           phase: str) -> None:
         """Take the error replies (refusals, failures) of ``phase``, kept out of aggregation."""
+
+    def on_rejected_replies(self, server_round: int, rejected: Sequence[Rejection],
+                            excluded: Sequence[Exclusion]) -> None:
+        """Take the replies dropped before aggregation and the sites excluded from now on."""
 
     def on_train_incomplete(self, server_round: int, replies: Iterable[Message],
                             answered: int, required: int) -> None:
@@ -54,46 +63,7 @@ class RoundHooks(Protocol):
     def on_global_evaluation(self, server_round: int,
                              arrays: ArrayRecord) -> MetricRecord | None:
         """Evaluate and checkpoint the round's global model (round 0: the initial model)."""
-
-    def close_round(self, server_round: int) -> None:
-        """Write the round's record; nothing more is recorded for it (except a late record)."""
-
-
-class NoRecording:
-    """Hooks that record nothing (a strategy built without a recorder)."""
-
-    def on_late_site_evaluation(
-        self,
-        model_round: int,
-        with_round: int,
-        replies: Iterable[Message],
-        aggregate: EvaluationAggregation,
-    ) -> None:
-        """Record nothing."""
-
-    def on_failed_replies(self, server_round: int, replies: Iterable[Message],
-                          phase: str) -> None:
-        """Record nothing."""
-
-    def on_train_incomplete(self, server_round: int, replies: Iterable[Message],
-                            answered: int, required: int) -> None:
-        """Record nothing."""
-
-    def on_train_aggregated(self, server_round: int, replies: Iterable[Message],
-                            metrics: MetricRecord | None) -> None:
-        """Record nothing."""
-
-    def on_central_dp_release(self, server_round: int, release: MetricRecord) -> None:
-        """Record nothing."""
-
-    def on_site_evaluation(self, server_round: int, replies: Iterable[Message],
-                           metrics: MetricRecord | None) -> None:
-        """Record nothing."""
-
-    def on_global_evaluation(self, server_round: int,
-                             arrays: ArrayRecord) -> MetricRecord | None:
-        """Evaluate nothing."""
         return None
 
     def close_round(self, server_round: int) -> None:
-        """Record nothing."""
+        """Write the round's record; nothing more is recorded for it (except a late record)."""

@@ -4,6 +4,9 @@ Each registered strategy is a Flower strategy (``FedAvg``, ``FedProx``, ``FedAda
 :class:`RecordingStrategy` in front of it: it tells the recorder's round hooks
 (:class:`~consilia.server.round_hooks.RoundHooks`, passed through ``__init__``) what the
 sites replied and then defers to Flower's own aggregation (no copy of ``Strategy.start``).
+Before that, every reply passes :class:`~consilia.server.update_validation.UpdateValidator`
+(layout, finite values, example counts, update norm; ``strategy.validation``): a bad reply
+is dropped and recorded, the round goes on with the others.
 With ``site_evaluation: with-next-round`` it also lets the sites evaluate each global model
 with the next round's training instead of in an evaluate message of its own.
 :func:`build_strategy` builds the configured one from :data:`STRATEGIES`; central DP wraps
@@ -23,8 +26,14 @@ from consilia.common.config import DPConfig, StrategyConfig
 from consilia.common.constants import ConfigKey
 from consilia.common.registry import Registry
 from consilia.server.central_dp import AccountedServerSideClipping
-from consilia.server.round_hooks import NoRecording, RoundHooks
+from consilia.server.round_hooks import RoundHooks
 from consilia.server.site_names import site_name
+from consilia.server.update_validation import (
+    Rejection,
+    UpdateValidator,
+    all_finite,
+    example_count_problem,
+)
 
 __all__ = [
     "STRATEGIES",
@@ -57,16 +66,20 @@ class RecordingStrategy(FedAvg):
         ``"with-next-round"`` or ``"separate"`` (see above).
     total_rounds : int
         Rounds of the run (the last one's model gets evaluate messages of its own).
+    validator : UpdateValidator
+        Screens every reply before aggregation (shared with a central-DP wrapper, which
+        screens before it clips).
     **flower_options
         The Flower strategy's own arguments.
     """
 
     def __init__(self, hooks: RoundHooks, *, site_evaluation: str, total_rounds: int,
-                 **flower_options: Any) -> None:
+                 validator: UpdateValidator, **flower_options: Any) -> None:
         super().__init__(**flower_options)
         self.hooks = hooks
         self.site_evaluation = site_evaluation
         self.total_rounds = total_rounds
+        self.validator = validator
 
     @classmethod
     def flower_options(cls, cfg: StrategyConfig) -> dict[str, Any]:
@@ -83,19 +96,25 @@ class RecordingStrategy(FedAvg):
     def from_config(cls, cfg: StrategyConfig, hooks: RoundHooks) -> Self:
         """Build the strategy ``cfg`` describes, telling ``hooks`` what happens."""
         return cls(hooks, site_evaluation=cfg.site_evaluation, total_rounds=cfg.rounds,
-                   **cls.flower_options(cfg))
+                   validator=UpdateValidator(cfg.validation), **cls.flower_options(cfg))
 
     @property
     def _evaluate_with_next_round(self) -> bool:
         return self.site_evaluation == "with-next-round" and float(self.fraction_evaluate) > 0.0
 
     def _aggregate_evaluation(self, contents: list[RecordDict]) -> MetricRecord | None:
-        return self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key)
+        """Aggregate the sites' evaluations of the received model (sane example counts only)."""
+        cap = self.validator.cfg.max_num_examples
+        usable = [c for c in contents if all(
+            example_count_problem(m.get(self.weighted_by_key), cap) is None
+            for m in c.metric_records.values())]
+        return self.evaluate_metrics_aggr_fn(usable, self.weighted_by_key) if usable else None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's train messages; from round 2 they ask to evaluate the received model."""
+        self.validator.expect(arrays)  # the layout and reference of this round's replies
         if self._evaluate_with_next_round and server_round > 1:
             config = ConfigRecord({**config, ConfigKey.EVALUATE_RECEIVED.value: True})
         return super().configure_train(server_round, arrays, config, grid)
@@ -108,12 +127,23 @@ class RecordingStrategy(FedAvg):
             return []  # the sites evaluate this model with the next round's training
         return super().configure_evaluate(server_round, arrays, config, grid)
 
+    def screen_train_replies(self, server_round: int,
+                             replies: Iterable[Message]) -> list[Message]:
+        """Drop excluded sites' replies and bad updates (recorded); keep the rest in order."""
+        replies = self.validator.drop_excluded(replies)
+        if self.validator.screened_round == server_round:
+            return replies  # a wrapper (central DP) screened them before clipping
+        screening = self.validator.screen(server_round, replies)
+        if screening.rejected or screening.excluded:
+            self.hooks.on_rejected_replies(server_round, screening.rejected, screening.excluded)
+        return screening.kept
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record the replies and aggregate them (the global model is kept if too few answered)."""
+        """Screen, record and aggregate the replies (the global model is kept if too few pass)."""
         # a fixed order (by site) makes the float sums of aggregation reproducible
-        replies = sorted(replies, key=site_name)
+        replies = self.screen_train_replies(server_round, sorted(replies, key=site_name))
         if self._evaluate_with_next_round and server_round > 1:
             self.hooks.on_late_site_evaluation(server_round - 1, server_round, replies,
                                                self._aggregate_evaluation)
@@ -121,22 +151,32 @@ class RecordingStrategy(FedAvg):
         required = int(self.min_train_nodes)
         if answered < required:
             # Fewer sites than the minimum answered within the round timeout (dropped out,
-            # refused or failed): keep the global model; the next round tries again.
+            # refused, failed or rejected): keep the global model; the next round tries again.
             self.hooks.on_train_incomplete(server_round, replies, answered, required)
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round,
+                                                  self.validator.aggregation_view(replies))
+        if arrays is not None and not all_finite(arrays):  # only if the accepted ones overflow
+            self.hooks.on_rejected_replies(server_round, [Rejection(
+                "aggregate", -1, "the aggregate of the accepted updates is not finite; the "
+                "global model is kept")], [])
+            arrays = None
         self.hooks.on_train_aggregated(server_round, replies, metrics)
         return arrays, metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Record the evaluate replies and aggregate them."""
+        """Screen, record and aggregate the evaluate replies."""
         # a fixed order (by site) makes the float sums of aggregation reproducible
-        replies = sorted(replies, key=site_name)
+        replies = sorted(self.validator.drop_excluded(replies), key=site_name)
         if not replies and self._evaluate_with_next_round and server_round < self.total_rounds:
             return None  # nothing was sent: this round's model is evaluated with the next
-        metrics = super().aggregate_evaluate(server_round, replies)
+        replies, rejected = self.validator.screen_evaluation(replies)
+        if rejected:
+            self.hooks.on_rejected_replies(server_round, rejected, [])
+        metrics = super().aggregate_evaluate(server_round,
+                                             self.validator.aggregation_view(replies))
         self.hooks.on_site_evaluation(server_round, replies, metrics)
         return metrics
 
@@ -188,15 +228,17 @@ def build_strategy(cfg: StrategyConfig, dp: DPConfig, hooks: RoundHooks | None) 
     -------
     Strategy
     """
-    hooks = hooks if hooks is not None else NoRecording()
-    strategy: Strategy = STRATEGIES.get(cfg.name).from_config(cfg, hooks)
+    hooks = hooks if hooks is not None else RoundHooks()
+    recording = STRATEGIES.get(cfg.name).from_config(cfg, hooks)
+    strategy: Strategy = recording
     if dp.enabled and dp.mode == "central":
         strategy = AccountedServerSideClipping(  # client-level DP, accounted per round
-            strategy,
+            recording,
             noise_multiplier=dp.central_noise_multiplier,
             clipping_norm=dp.central_clipping_norm,
             num_sampled_clients=cfg.min_train_sites,
             hooks=hooks,
             delta=dp.target_delta,
+            screen=recording.screen_train_replies,  # before clipping touches the arrays
         )
     return strategy

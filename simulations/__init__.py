@@ -1,1 +1,1 @@
-"""Consilia package."""
+"""``fl-sim``: virtual hospitals on public data, Flower's simulation engine, baselines."""

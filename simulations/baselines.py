@@ -18,8 +18,8 @@ from consilia.client.trainer import build_task_model, train_model
 from consilia.common.config import RunConfig
 from consilia.common.data.images import ImageData
 from consilia.common.evaluation.metrics import compute_metrics
+from consilia.common.model_files import save_model_file
 from consilia.common.rundir.layout import RunDir
-from consilia.common.serde import save_checkpoint
 from consilia.common.training.inference import EvalResult, evaluate_on
 
 __all__ = ["BaselineResult", "run_centralized", "run_local_only"]
@@ -54,7 +54,7 @@ def _fit_and_score(
     res = evaluate_on(model, test, run.train, run.task)
     metrics = compute_metrics(res.y_true, res.y_prob, run.task.class_names).to_dict()
     layout = RunDir(run_dir)
-    save_checkpoint(layout.model_path(name), model, run, 0, {"baseline": name})
+    save_model_file(layout.model_path(name), model, run, 0, {"baseline": name})
     layout.predictions_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(layout.prediction_path(name), y_true=res.y_true,
                         y_prob=res.y_prob)

@@ -62,7 +62,8 @@ def cross_site_validation(run_dir: Path, batch_size: int = 256) -> dict[str, Any
     Parameters
     ----------
     run_dir : Path
-        An ``fl-sim`` run directory (``global_model.pt``, ``sites/``, optional ``models/``).
+        An ``fl-sim`` run directory (``global_model.safetensors``, ``sites/``,
+        optional ``models/``).
     batch_size : int
         Inference batch size.
 

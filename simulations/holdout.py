@@ -21,8 +21,8 @@ import numpy as np
 from consilia.common.data.images import ImageData
 from consilia.common.evaluation.formatting import format_number as _fmt
 from consilia.common.evaluation.metrics import compute_metrics
+from consilia.common.model_files import load_model_file
 from consilia.common.rundir.layout import RunDir
-from consilia.common.serde import load_checkpoint
 from consilia.common.training.inference import evaluate_on
 from consilia.simulations.partition import FederatedPartition, SiteData
 from consilia.simulations.partition_schemes import site_name
@@ -86,7 +86,7 @@ def external_validation(run_dir: Path, site: SiteData) -> dict[str, Any]:
     Parameters
     ----------
     run_dir : Path
-        Run directory with ``global_model.pt`` and optionally ``models/*.pt``.
+        Run directory with ``global_model.safetensors`` and optionally ``models/*.safetensors``.
     site : SiteData
         The held-out site (from :func:`split_holdout`).
 
@@ -112,7 +112,7 @@ def external_validation(run_dir: Path, site: SiteData) -> dict[str, Any]:
     for name, path in paths.items():
         if not path.is_file():
             continue
-        model, run, _ = load_checkpoint(path)
+        model, run, _ = load_model_file(path)
         res = evaluate_on(model, data, run.train, run.task)
         metrics = compute_metrics(res.y_true, res.y_prob, run.task.class_names)
         np.savez_compressed(layout.prediction_path(f"external-{name}"),

@@ -1,1 +1,1 @@
-"""client/privacy."""
+"""Local differential privacy at a site: planning, budget, DP-SGD, releases, ledger."""

@@ -28,12 +28,20 @@ Delta.
     neither is set, ``min(1e-5, 1 / (10 n))``; it must stay below ``1 / n``. Once a dataset
     has a ledger entry its delta only ever tightens.
 Accountant.
-    Fixed per dataset by its ledger entry (first run's ``dp.accountant``; ``rdp`` default).
-    ``gdp`` cannot compose different noise levels: a later run must reuse the recorded noise.
-Guard (:meth:`PrivacyController.check_budget`).
-    Before each round the ledger's accountant state is loaded into a fresh accountant,
-    stepped with the round's steps, and the round is refused (:class:`PrivacyBudgetExceeded`)
-    if the lifetime or this run's epsilon would exceed its cap (numerical slack 1e-9).
+    The site's, never the run's: ``dp.accountant`` is what the site's policy decided
+    (:func:`consilia.client.site.policy.site_dp_request`; simulated sites use the default
+    policy's ``rdp``), and only accountants whose epsilon is an upper bound are accepted
+    (``rdp``, ``prv``; ``gdp`` is refused, see :mod:`~consilia.client.privacy.accountants`).
+    A dataset whose ledger entry was created under another accountant is refused.
+Reserve, then train (:meth:`PrivacyController.reserve_round`).
+    Before each round its planned steps are reserved in the ledger atomically, under the
+    ledger's lock: composed with the whole history *and every other process's live
+    reservation*, and refused (:class:`PrivacyBudgetExceeded`) if the lifetime or this run's
+    epsilon would exceed its cap (numerical slack 1e-9). Two processes on the same ledger
+    therefore never both take the last of the budget. The reservation is committed with the
+    steps actually taken, released if training fails before its first step, and released by
+    the next reader if the process dies (:mod:`~consilia.client.privacy.reservations`).
+    :meth:`PrivacyController.check_budget` is the same test without reserving (read-only).
 Accounting (:meth:`PrivacyController.make_private` / :meth:`PrivacyController.commit_round`).
     The persisted accountant state is loaded into ``engine.accountant`` before training, so ε
     composes exactly across rounds and restarts; after the round the steps actually taken are
@@ -73,12 +81,15 @@ from typing import Any
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader
 
+from consilia.client.privacy.accountants import (
+    UPPER_BOUND_ACCOUNTANTS,
+    accountant_metric_key,
+    not_an_upper_bound_reason,
+)
 from consilia.client.privacy.budget import (
-    EPSILON_SLACK,
     PrivacyBudgetExceeded,
     PrivacyConfigError,
 )
@@ -88,20 +99,20 @@ from consilia.client.privacy.dpsgd import (
     train_private_epochs,
     wrap_private,
 )
-from consilia.client.privacy.ledger import (
+from consilia.client.privacy.ledger import PrivacyLedger
+from consilia.client.privacy.ledger_records import (
     AccountantState,
     LedgerEntry,
-    PrivacyLedger,
     RunCalibration,
-    accountant_from_state,
     utc_now,
 )
 from consilia.client.privacy.planning import (
     default_delta,
     epsilon_of,
-    noise_for_composed_target,
     planned_release,
+    run_noise_multiplier,
 )
+from consilia.client.privacy.reservations import Reservation
 from consilia.client.privacy.statistics_release import account_statistics_release, release_rng
 from consilia.common.config import DPConfig
 from consilia.common.serde import clean_state_dict
@@ -117,7 +128,8 @@ class PrivacyController:
     Parameters
     ----------
     dp : DPConfig
-        The coordinator's DP request (``mode`` must be ``"local"``).
+        The DP the site applies (``mode`` must be ``"local"``; ``accountant`` is the site's,
+        ``rdp`` or ``prv``).
     budget_epsilon : float
         The site's lifetime epsilon budget for this dataset (its own policy).
     budget_delta : float or None
@@ -142,7 +154,8 @@ class PrivacyController:
     Raises
     ------
     PrivacyConfigError
-        For ``dp.mode == "central"`` or a non-positive budget.
+        For ``dp.mode == "central"``, an accountant that is not an upper bound (``gdp``) or a
+        non-positive budget.
 
     """
 
@@ -163,6 +176,8 @@ class PrivacyController:
                 "noise on the aggregate); the site's privacy controller only runs local DP-SGD "
                 "(dp.mode='local')"
             )
+        if dp.accountant not in UPPER_BOUND_ACCOUNTANTS:
+            raise PrivacyConfigError(not_an_upper_bound_reason(dp.accountant))
         if not budget_epsilon > 0:
             raise PrivacyConfigError(
                 f"the site's privacy budget must be a positive epsilon, got {budget_epsilon}"
@@ -185,6 +200,7 @@ class PrivacyController:
         self._steps_before = 0
         self._uncommitted = False
         self._round: tuple[str, int, int] | None = None
+        self._reservation: Reservation | None = None
 
     # -- round binding (what the trainer's privacy factory provides) ----------------------
 
@@ -236,6 +252,15 @@ class PrivacyController:
             "noise-multiplier": cal.noise_multiplier if cal is not None else 0.0,
             "sample-rate": cal.sample_rate if cal is not None else 0.0,
         }
+
+    @property
+    def accountant(self) -> str:
+        """The accountant this site accounts with (the site policy's ``rdp`` or ``prv``)."""
+        return self.dp.accountant
+
+    def reply_metrics(self) -> dict[str, float]:
+        """Scalars the site adds to its train reply: which accountant it used."""
+        return {accountant_metric_key(self.accountant): 1.0}
 
     @property
     def calibration(self) -> RunCalibration | None:
@@ -319,49 +344,12 @@ class PrivacyController:
         reserved = planned_release(
             self.release_noise_multiplier, mechanism, delta, min(request, budget), run_id
         )
-        with_release = AccountantState(mechanism=mechanism,
-                                       history=[*history.history, *reserved])
-        release_only = AccountantState(mechanism=mechanism, history=list(reserved))
-        try:
-            if mechanism == "gdp" and history.history:
-                sigma = self._gdp_continuation(history, sample_rate)
-            elif not history.history and not reserved:
-                sigma = get_noise_multiplier(
-                    target_epsilon=min(request, budget), target_delta=delta,
-                    sample_rate=sample_rate, steps=planned_steps, accountant=mechanism,
-                )
-            elif not history.history:
-                sigma = noise_for_composed_target(
-                    release_only, target_epsilon=min(request, budget), target_delta=delta,
-                    sample_rate=sample_rate, steps=planned_steps,
-                )
-            else:
-                sigma_lifetime = noise_for_composed_target(
-                    with_release, target_epsilon=budget, target_delta=delta,
-                    sample_rate=sample_rate, steps=planned_steps,
-                )
-                sigma_run = noise_for_composed_target(
-                    release_only, target_epsilon=request, target_delta=delta,
-                    sample_rate=sample_rate, steps=planned_steps,
-                ) if reserved else get_noise_multiplier(
-                    target_epsilon=request, target_delta=delta, sample_rate=sample_rate,
-                    steps=planned_steps, accountant=mechanism,
-                )
-                sigma = max(sigma_lifetime, sigma_run)
-        except ValueError as exc:
-            if "budget is too low" in str(exc):  # get_noise_multiplier hit MAX_SIGMA
-                raise PrivacyBudgetExceeded(
-                    f"dataset '{self.dataset_key}': no noise level fits {planned_steps} DP-SGD "
-                    f"steps into the budget ({exc})"
-                ) from None
-            raise PrivacyConfigError(  # e.g. the GDP accountant's root finder fails
-                f"the {mechanism} accountant cannot calibrate {planned_steps} steps at sampling "
-                f"rate {sample_rate:.4g} ({exc}); use dp.accountant='rdp'"
-            ) from None
+        sigma = run_noise_multiplier(
+            history, reserved, request=request, budget=budget, delta=delta,
+            sample_rate=sample_rate, steps=planned_steps, dataset_key=self.dataset_key,
+        )
         planned = AccountantState(mechanism=mechanism, history=[
             *history.history, (sigma, sample_rate, planned_steps), *reserved])
-        if mechanism == "gdp" and history.history:  # GDP keeps one merged entry
-            planned.history = [(sigma, sample_rate, history.total_steps + planned_steps)]
         run_only = AccountantState(
             mechanism=mechanism, history=[(sigma, sample_rate, planned_steps), *reserved]
         )
@@ -424,29 +412,12 @@ class PrivacyController:
         return release_rng(self.noise_seed)
 
     def _open_entry(self, n_samples: int) -> LedgerEntry:
-        existing = self._entry()
-        accountant = existing.accountant if existing is not None else self.dp.accountant
-        if accountant != self.dp.accountant:
-            log.warning(
-                "dataset '%s' is accounted with the %s accountant (its ledger); the request's "
-                "'%s' is ignored", self.dataset_key, accountant, self.dp.accountant,
-            )
         return self.ledger.open_entry(
             self.dataset_key,
-            accountant=accountant,
+            accountant=self.dp.accountant,
             delta=self.effective_delta(n_samples),
             target_epsilon=self.budget_epsilon,
         )
-
-    def _gdp_continuation(self, history: AccountantState, sample_rate: float) -> float:
-        sigma, q, _ = history.history[-1]
-        if not math.isclose(q, sample_rate, rel_tol=0, abs_tol=1e-15):
-            raise PrivacyConfigError(
-                f"dataset '{self.dataset_key}' is accounted with the GDP accountant, which "
-                f"cannot compose a new sampling rate ({sample_rate:.4g} vs recorded {q:.4g}); "
-                "keep the batch size, or account a new dataset key with 'rdp'"
-            )
-        return float(sigma)
 
     @staticmethod
     def _eps(state: AccountantState, delta: float) -> float:
@@ -462,8 +433,10 @@ class PrivacyController:
     def check_budget(self, next_round_steps: int) -> None:
         """Refuse a round that would push the spend over the site's budget or the run's request.
 
-        Loads the ledger's accountant state into a fresh Opacus accountant, steps it
-        ``next_round_steps`` times with the run's noise and sampling rate, and compares.
+        The read-only form of :meth:`reserve_round` (:meth:`PrivacyLedger.check`): composes the
+        ledger's history, every live reservation and ``next_round_steps`` steps at the run's
+        noise and sampling rate, and compares. Nothing is reserved, so only
+        :meth:`reserve_round` protects against a concurrent process.
 
         Raises
         ------
@@ -473,31 +446,52 @@ class PrivacyController:
 
         """
         cal = self._require_calibration()
-        entry = self._entry()
-        if entry is None:
+        if self._entry() is None:
             raise RuntimeError(f"ledger has no entry for '{self.dataset_key}' after calibrate")
+        self.ledger.check(
+            self.dataset_key, run_id=cal.run_id, server_round=0, steps=int(next_round_steps),
+            sample_rate=cal.sample_rate, noise_multiplier=cal.noise_multiplier,
+            run_epsilon_cap=cal.requested_epsilon,
+        )
 
-        def would_be(state: AccountantState) -> float:
-            accountant = accountant_from_state(state)
-            for _ in range(int(next_round_steps)):
-                accountant.step(noise_multiplier=cal.noise_multiplier, sample_rate=cal.sample_rate)
-            return float(accountant.get_epsilon(delta=entry.delta))
+    def reserve_round(self, server_round: int, steps: int | None = None) -> Reservation:
+        """Reserve the coming round's epsilon in the ledger, atomically, or refuse the round.
 
-        lifetime = would_be(entry.accountant_state)
-        if lifetime > entry.target_epsilon + EPSILON_SLACK:
-            raise PrivacyBudgetExceeded(
-                f"dataset '{self.dataset_key}': one more round ({next_round_steps} DP-SGD steps) "
-                f"would raise the spend from ε={entry.epsilon_spent:.3f} to ε={lifetime:.3f}, "
-                f"over the site's budget ε={entry.target_epsilon:.3f} (δ={entry.delta:g}, "
-                f"{entry.accountant}); this site refuses to train"
-            )
-        run_eps = would_be(entry.run_history(cal.run_id))
-        if run_eps > cal.requested_epsilon + EPSILON_SLACK:
-            raise PrivacyBudgetExceeded(
-                f"dataset '{self.dataset_key}': one more round would bring run {cal.run_id} to "
-                f"ε={run_eps:.3f}, over the ε={cal.requested_epsilon:.3f} the run asked for "
-                f"(it planned {cal.total_rounds} rounds); this site refuses to train"
-            )
+        Parameters
+        ----------
+        server_round : int
+            The coordinator's round number.
+        steps : int, optional
+            Planned DP-SGD steps (default: one full round, :attr:`steps_per_round`).
+
+        Returns
+        -------
+        Reservation
+            Held until :meth:`commit_round` (or :meth:`release_reservation`).
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            If the round, composed with the history and every live reservation, would exceed
+            the site's budget or the run's request (nothing is reserved).
+
+        """
+        cal = self._require_calibration()
+        if self._reservation is not None:
+            raise RuntimeError("a round is already reserved: commit or release it first")
+        self._reservation = self.ledger.reserve(
+            self.dataset_key, run_id=cal.run_id, server_round=int(server_round),
+            steps=cal.steps_per_round if steps is None else int(steps),
+            sample_rate=cal.sample_rate, noise_multiplier=cal.noise_multiplier,
+            run_epsilon_cap=cal.requested_epsilon,
+        )
+        return self._reservation
+
+    def release_reservation(self) -> None:
+        """Give back the reserved round (training failed before its first DP-SGD step)."""
+        if self._reservation is not None:
+            reservation, self._reservation = self._reservation, None
+            self.ledger.release(self.dataset_key, reservation.reservation_id)
 
     # -- training -------------------------------------------------------------------------
 
@@ -599,12 +593,14 @@ class PrivacyController:
     def commit_round(self, run_id: str | int, server_round: int) -> float:
         """Compose this round's steps into the ledger (saved atomically); return lifetime ε.
 
-        Call it before the round's weights leave the site.
+        Commits the round's reservation (:meth:`reserve_round`), if any. Call it before the
+        round's weights leave the site.
         """
         cal = self._require_calibration()
         if not self._uncommitted or self._engine is None:
             raise RuntimeError("commit_round() without a private round (call make_private first)")
         steps = self.steps_taken()
+        reservation, self._reservation = self._reservation, None
         entry = self.ledger.record_round(
             self.dataset_key,
             run_id=str(run_id),
@@ -612,6 +608,7 @@ class PrivacyController:
             steps=steps,
             sample_rate=cal.sample_rate,
             noise_multiplier=cal.noise_multiplier,
+            reservation_id=reservation.reservation_id if reservation is not None else None,
         )
         engine_state = AccountantState.from_opacus(self._engine.accountant.state_dict())
         if engine_state != entry.accountant_state:
@@ -640,11 +637,13 @@ class PrivacyController:
     ) -> tuple[float, int, int]:
         """Run one private round end to end (the site trainer's entry point).
 
-        Calibrates (cached per run), checks the budget, makes the objects private, trains
+        Calibrates (cached per run), reserves the round's epsilon in the ledger (atomically;
+        refused if it does not fit), makes the objects private, trains
         ``epochs`` epochs with ``consilia.common.training.engine.train_epochs`` inside the memory
         manager (:func:`train_private_epochs`), applies FedProx as post-processing, and commits
         the spend to the ledger —
-        also when training fails half-way. Needs :meth:`bind_round` first.
+        also when training fails half-way (a failure before the first step releases the
+        reservation). Needs :meth:`bind_round` first.
 
         Returns
         -------
@@ -665,8 +664,12 @@ class PrivacyController:
         n = len(loader.dataset)  # type: ignore[arg-type]
         batch_size = int(loader.batch_size or 1)
         self.calibrate(n, batch_size, total_rounds, epochs, run_id=run_id)
-        self.check_budget(self.steps_per_round)
-        private = self.make_private(model, optimizer, loader, loss_fn)
+        self.reserve_round(server_round)
+        try:
+            private = self.make_private(model, optimizer, loader, loss_fn)
+        except BaseException:
+            self.release_reservation()
+            raise
         try:
             if proximal_mu > 0 and global_params is not None:
                 private.add_proximal_term(global_params, proximal_mu)

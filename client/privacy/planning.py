@@ -27,10 +27,10 @@ import logging
 import math
 
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import MAX_SIGMA
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 from consilia.client.privacy.budget import PrivacyBudgetExceeded, PrivacyConfigError
-from consilia.client.privacy.ledger import AccountantState, accountant_from_state
+from consilia.client.privacy.ledger_records import AccountantState, accountant_from_state
 
 __all__ = [
     "RELEASE_SHARE_LIMIT",
@@ -39,6 +39,7 @@ __all__ = [
     "noise_for_composed_target",
     "planned_release",
     "reserved_release",
+    "run_noise_multiplier",
 ]
 
 log = logging.getLogger(__name__)
@@ -175,3 +176,88 @@ def noise_for_composed_target(
             sigma_low = sigma
     return sigma_high
 
+
+def run_noise_multiplier(
+    history: AccountantState,
+    reserved: list[tuple[float, float, int]],
+    *,
+    request: float,
+    budget: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    dataset_key: str,
+) -> float:
+    """Noise multiplier of a whole run: its request and the site's remaining budget both hold.
+
+    On a fresh history this is exactly ``get_noise_multiplier(min(request, budget))``; with a
+    history (earlier runs) the lifetime budget is searched on the composed accountant
+    (:func:`noise_for_composed_target`) and the larger of the two noises wins, so a run can
+    never lower the noise below what the site's remaining budget allows.
+
+    Parameters
+    ----------
+    history : AccountantState
+        The dataset's accountant history (its mechanism is the site's accountant).
+    reserved : list of tuple
+        The run's planned feature-statistics release (:func:`planned_release`), if any.
+    request : float
+        The run's requested epsilon.
+    budget : float
+        The site's lifetime budget.
+    delta : float
+        The dataset's delta.
+    sample_rate : float
+        Poisson sampling rate of the run.
+    steps : int
+        DP-SGD steps the run plans.
+    dataset_key : str
+        The dataset (for messages).
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        If no noise level fits the steps into the budget.
+    PrivacyConfigError
+        If the accountant cannot calibrate these steps.
+
+    """
+    mechanism, planned_steps = history.mechanism, steps
+    with_release = AccountantState(mechanism=mechanism,
+                                   history=[*history.history, *reserved])
+    release_only = AccountantState(mechanism=mechanism, history=list(reserved))
+    try:
+        if not history.history and not reserved:
+            sigma = get_noise_multiplier(
+                target_epsilon=min(request, budget), target_delta=delta,
+                sample_rate=sample_rate, steps=planned_steps, accountant=mechanism,
+            )
+        elif not history.history:
+            sigma = noise_for_composed_target(
+                release_only, target_epsilon=min(request, budget), target_delta=delta,
+                sample_rate=sample_rate, steps=planned_steps,
+            )
+        else:
+            sigma_lifetime = noise_for_composed_target(
+                with_release, target_epsilon=budget, target_delta=delta,
+                sample_rate=sample_rate, steps=planned_steps,
+            )
+            sigma_run = noise_for_composed_target(
+                release_only, target_epsilon=request, target_delta=delta,
+                sample_rate=sample_rate, steps=planned_steps,
+            ) if reserved else get_noise_multiplier(
+                target_epsilon=request, target_delta=delta, sample_rate=sample_rate,
+                steps=planned_steps, accountant=mechanism,
+            )
+            sigma = max(sigma_lifetime, sigma_run)
+    except ValueError as exc:
+        if "budget is too low" in str(exc):  # get_noise_multiplier hit MAX_SIGMA
+            raise PrivacyBudgetExceeded(
+                f"dataset '{dataset_key}': no noise level fits {planned_steps} DP-SGD "
+                f"steps into the budget ({exc})"
+            ) from None
+        raise PrivacyConfigError(  # e.g. an accountant's root finder fails
+            f"the {mechanism} accountant cannot calibrate {planned_steps} steps at sampling "
+            f"rate {sample_rate:.4g} ({exc}); use policy.dp.accountant: rdp"
+        ) from None
+    return sigma

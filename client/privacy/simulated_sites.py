@@ -6,6 +6,8 @@ so :func:`simulated_privacy_factory` gives it the simulation's stand-ins:
 
 - budget: the run's ``dp.target_epsilon`` (lifetime cap = per-run request), delta: the run's
   ``dp.target_delta`` or ``min(1e-5, 1/(10 n))``;
+- accountant: the default site policy's (``rdp``), whatever the run asks — as at a deployed
+  site, the site decides the accounting (:func:`simulated_site_dp`);
 - ledger: ``<run_dir>/site-state/<site>/privacy-ledger.json`` (:func:`sim_ledger_path`),
   dataset key = the site name — the same layout as a deployed site's state directory, so a
   test or an operator can inspect or pre-fill it;
@@ -28,13 +30,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from consilia.client.site.config import DPPolicy
 from consilia.client.site.policy import StatisticsRule
+from consilia.common.config import DPConfig
 from consilia.common.instructions import RoundInstruction
 
 if TYPE_CHECKING:  # opacus is imported only when a round asks for local DP
     from consilia.client.privacy.controller import PrivacyController
 
-__all__ = ["SITE_STATE_DIR", "round_noise_seed", "sim_ledger_path", "simulated_privacy_factory"]
+__all__ = [
+    "SITE_STATE_DIR",
+    "round_noise_seed",
+    "sim_ledger_path",
+    "simulated_privacy_factory",
+    "simulated_site_dp",
+]
 
 #: Folder of the run directory holding each simulated site's state (its privacy ledger).
 SITE_STATE_DIR = "site-state"
@@ -43,6 +53,16 @@ SITE_STATE_DIR = "site-state"
 def sim_ledger_path(run_dir: Path, site_name: str) -> Path:
     """Return ``<run_dir>/site-state/<site_name>/privacy-ledger.json``."""
     return Path(run_dir) / SITE_STATE_DIR / site_name / "privacy-ledger.json"
+
+
+def simulated_site_dp(dp: DPConfig) -> DPConfig:
+    """Return the run's local DP as a simulated site applies it: the default policy's accountant.
+
+    A simulated site follows the default site policy
+    (:class:`~consilia.client.site.config.DPPolicy`), so a run asking for another accountant
+    (e.g. ``gdp``) is accounted with ``rdp``.
+    """
+    return dp.model_copy(update={"accountant": DPPolicy().accountant})
 
 
 def round_noise_seed(seed: int, site_index: int, server_round: int) -> int:
@@ -97,7 +117,7 @@ def simulated_privacy_factory(
 
         ledger = PrivacyLedger(sim_ledger_path(Path(run_dir), site_name))
         controller = PrivacyController(
-            instr.dp,
+            simulated_site_dp(instr.dp),
             budget_epsilon=instr.dp.target_epsilon,
             budget_delta=None,
             ledger=ledger,

@@ -16,13 +16,9 @@ import secrets
 
 import numpy as np
 
-from consilia.client.privacy.budget import (
-    EPSILON_SLACK,
-    PrivacyBudgetExceeded,
-    PrivacyConfigError,
-)
-from consilia.client.privacy.ledger import AccountantState, LedgerEntry, PrivacyLedger
-from consilia.client.privacy.planning import epsilon_of
+from consilia.client.privacy.budget import PrivacyConfigError
+from consilia.client.privacy.ledger import PrivacyLedger
+from consilia.client.privacy.ledger_records import LedgerEntry
 
 __all__ = ["account_statistics_release", "release_rng"]
 
@@ -67,38 +63,28 @@ def account_statistics_release(
     PrivacyConfigError
         Under the GDP accountant.
     PrivacyBudgetExceeded
-        When the release does not fit the budget or the run's request.
+        When the release does not fit the budget or the run's request (checked and recorded
+        atomically, with every live reservation, see
+        :meth:`~consilia.client.privacy.ledger.PrivacyLedger.reserve`).
 
     """
     sigma = noise_multiplier
     if entry.accountant == "gdp":
         raise PrivacyConfigError(
             f"dataset '{dataset_key}' is accounted with the GDP accountant, which "
-            "cannot compose a full-batch Gaussian release; use dp.accountant='rdp'"
-        )
-    release = (float(sigma), 1.0, 1)
-    lifetime = epsilon_of(AccountantState(mechanism=entry.accountant, history=[
-        *entry.accountant_state.history, release]), entry.delta)
-    if lifetime > entry.target_epsilon + EPSILON_SLACK:
-        raise PrivacyBudgetExceeded(
-            f"dataset '{dataset_key}': sending noised feature statistics (noise "
-            f"multiplier {sigma:g}) would raise the spend from ε={entry.epsilon_spent:.3f} "
-            f"to ε={lifetime:.3f}, over the site's budget ε={entry.target_epsilon:.3f}"
+            "cannot compose a full-batch Gaussian release; use policy.dp.accountant: rdp"
         )
     cal = entry.calibrations.get(run_id)
     requested = cal.requested_epsilon if cal is not None else float(fallback_requested_epsilon)
-    run_state = entry.run_history(run_id)
-    run_eps = epsilon_of(AccountantState(mechanism=entry.accountant, history=[
-        *run_state.history, release]), entry.delta)
-    if run_eps > requested + EPSILON_SLACK:
-        raise PrivacyBudgetExceeded(
-            f"dataset '{dataset_key}': sending noised feature statistics would bring "
-            f"run {run_id} to ε={run_eps:.3f}, over the ε={requested:.3f} it asked for "
-            "(the run's budget was not planned with a calibration release)"
-        )
+    # reserved and committed under the ledger's lock: a concurrent round cannot take its room
+    reservation = ledger.reserve(
+        dataset_key, run_id=run_id, server_round=server_round, steps=1, sample_rate=1.0,
+        noise_multiplier=float(sigma), kind="feature-statistics", run_epsilon_cap=requested,
+    )
     updated = ledger.record_round(
         dataset_key, run_id=run_id, server_round=server_round, steps=1,
         sample_rate=1.0, noise_multiplier=float(sigma), kind="feature-statistics",
+        reservation_id=reservation.reservation_id,
     )
     log.info("DP release of feature statistics for run %s on '%s': noise %.3f, lifetime "
              "ε %.3f -> %.3f", run_id, dataset_key, sigma, entry.epsilon_spent,

@@ -1,1 +1,1 @@
-"""client/site."""
+"""One hospital's installation: config, policy, data sources, assembly, supervisor, worker."""

@@ -6,7 +6,8 @@ Checks, in order, and reports each as OK / WARN / FAIL with what to do:
 2. the CA certificate is a readable PEM certificate (and not expired);
 3. the authentication key is an OpenSSH ECDSA private key that only its owner can read;
 4. the state directory (logs, cache, privacy ledger) is writable and the ledger readable;
-5. the data: images per class, image sizes, files skipped and why;
+5. the data: images per class, image sizes, files skipped and why (the full list of every
+   file and its reason is written to ``<state_dir>/data-report.json``);
 6. the policy: known model names, approved app bundles, isolation mode;
 7. the local runtime port is free;
 8. a TLS handshake with the coordinator, verified with the CA and the coordinator's name.
@@ -26,6 +27,7 @@ from pathlib import Path
 from consilia.client.site.config import SiteConfig, load_site_config
 from consilia.client.site.data_sources.config import DataSourceError
 from consilia.client.site.data_sources.loading import scan_site_data
+from consilia.client.site.data_sources.report import DATA_REPORT_FILE
 from consilia.common.config import ConfigError
 
 __all__ = [
@@ -197,7 +199,8 @@ def _check_state_dir(config: SiteConfig) -> tuple[str, str]:
     ledger = config.ledger_path
     if ledger.exists():
         # imported here: the ledger loads opacus, which --check needs only with a ledger
-        from consilia.client.privacy.ledger import LedgerCorruptError, PrivacyLedger
+        from consilia.client.privacy.ledger import PrivacyLedger
+        from consilia.client.privacy.ledger_file import LedgerCorruptError
 
         try:
             PrivacyLedger(ledger)
@@ -228,19 +231,27 @@ def _check_data(config: SiteConfig, report: CheckReport, decode: bool) -> None:
     except DataSourceError as exc:
         report.add("data", FAIL, str(exc))
         return
+    try:
+        where = f"; full report: {data.write_json(config.state_dir / DATA_REPORT_FILE)}"
+    except OSError as exc:
+        where = ""
+        data.notes.append(f"the full report could not be written to the state directory ({exc})")
     report.data_text = data.to_text()
     counts = ", ".join(f"{k}: {v}" for k, v in data.counts.items())
     if data.n_usable == 0:
-        report.add("data", FAIL, f"no usable image ({config.data.describe()})")
+        report.add("data", FAIL, f"no usable image ({config.data.describe()}){where}")
     elif data.empty_classes or data.n_problems:
         issues = []
         if data.empty_classes:
             issues.append(f"no image for {', '.join(data.empty_classes)}")
         if data.n_problems:
             issues.append(f"{data.n_problems} file(s) not used (listed below)")
-        report.add("data", WARN, f"{data.n_usable} usable images ({counts}); " + "; ".join(issues))
+        report.add(
+            "data", WARN,
+            f"{data.n_usable} usable images ({counts}); " + "; ".join(issues) + where,
+        )
     else:
-        report.add("data", OK, f"{data.n_usable} usable images ({counts})")
+        report.add("data", OK, f"{data.n_usable} usable images ({counts}){where}")
 
 
 def _check_policy(config: SiteConfig, report: CheckReport) -> None:

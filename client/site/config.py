@@ -45,7 +45,7 @@ Example (every optional field shown with its default, except where marked)::
         budget_epsilon: 10.0              # lifetime, per dataset
         delta: 1.0e-5                     # (default: min(1e-5, 1/(10 n)))
         max_grad_norm: 1.0
-        accountant: rdp
+        accountant: rdp                   # or prv; every DP run is accounted with it
         dataset_key: chest-xray-2024      # (default: the site name)
       feature_statistics:                 # classifier calibration after the last round
         share: true                       # send per-class feature sums (no per-image value)
@@ -72,6 +72,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from consilia.client.privacy.accountants import SiteAccountant
 from consilia.client.site.data_sources.config import DataSourceConfig
 from consilia.common.config import (
     ConfigError,
@@ -192,7 +193,10 @@ class DPPolicy(StrictModel):
         None, gt=0, lt=1, description="the site's delta (None: min(1e-5, 1/(10 n)))"
     )
     max_grad_norm: float = Field(1.0, gt=0, description="clipping norm of the site's own DP")
-    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    accountant: SiteAccountant = Field(
+        "rdp", description="the accountant every DP run at this site is accounted with, "
+        "whatever the run asks: rdp or prv (upper bounds); gdp is refused"
+    )
     dataset_key: str | None = Field(
         None, min_length=1, description="name of this data in the privacy ledger (default: "
         "the site name); keep it stable when images are added"

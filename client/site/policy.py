@@ -14,6 +14,13 @@ Policy decisions (documented for hospital IT):
   (:func:`check_policy`, :func:`site_dp_request`).
 - The site's lifetime budget ``policy.dp.budget_epsilon`` (per dataset, in the privacy ledger
   of the state directory) caps every DP run; the coordinator cannot raise it.
+- **The site decides the accounting.** Every DP round is accounted with
+  ``policy.dp.accountant`` (``rdp`` by default, or ``prv``: accountants whose epsilon is an
+  upper bound; ``gdp`` is refused when the site configuration is loaded). A run that asks for
+  another accountant is served with the site's: its noise is planned for the site's
+  accountant, its requested epsilon and the site's remaining budget, so the coordinator
+  cannot lower the noise below what the site allows, and the site's train reply says which
+  accountant it used (``dp-accountant-rdp: 1``; :func:`site_dp_request`).
 - ``policy.feature_statistics`` decides the answer to a classifier-calibration request
   (:func:`statistics_rule_for`, :class:`StatisticsRule`).
 
@@ -22,6 +29,7 @@ Light to import (no torch).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from consilia.client.site.config import DPPolicy, SitePolicy
@@ -36,6 +44,8 @@ __all__ = [
     "site_dp_request",
     "statistics_rule_for",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class SitePolicyViolation(RuntimeError):  # noqa: N818 (named by the design brief)
@@ -134,12 +144,30 @@ def check_policy(policy: SitePolicy, instr: RoundInstruction) -> None:
 def site_dp_request(policy: DPPolicy, instr: RoundInstruction) -> DPConfig | None:
     """Return the DP this site applies to a round: the run's local DP, the site's own, or none.
 
-    The run's own request is used when it asks for local DP; when the site requires DP and the
-    run did not ask for it (and the policy enforces), the site's own DP at
+    The run's request (epsilon, delta, clipping) is used when it asks for local DP, but always
+    with the site's accountant (``policy.accountant``), whatever the run asked; when the site
+    requires DP and the run did not ask for it (and the policy enforces), the site's own DP at
     ``max_run_epsilon`` is applied. The lifetime budget caps either (privacy controller).
+
+    Parameters
+    ----------
+    policy : DPPolicy
+        The site's DP rules.
+    instr : RoundInstruction
+        What the coordinator asks this round.
+
+    Returns
+    -------
+    DPConfig or None
+        The DP to train with (``accountant`` is the site's), or None to train without DP.
+
     """
     if requests_local_dp(instr):
-        return instr.dp
+        if instr.dp.accountant != policy.accountant:
+            log.info("the run asks for the '%s' accountant; this site accounts with '%s' "
+                     "(policy.dp.accountant) and plans the run's noise for it",
+                     instr.dp.accountant, policy.accountant)
+        return instr.dp.model_copy(update={"accountant": policy.accountant})
     if policy.required and policy.when_not_requested == "enforce":
         return DPConfig(
             enabled=True,

@@ -60,17 +60,62 @@ _EXIT_HELP = {
     600: "the coordinator address cannot be parsed",
     604: "a certificate or key path is invalid",
 }
+#: Small statuses that mean more than one thing (Python's and Flower's conventions).
+_STATUS_HELP = {
+    0: "it stopped without an error",
+    1: "an error (or Flower's graceful exit on SIGINT); see supernode.log",
+    2: "invalid command-line arguments (or Flower's graceful exit on SIGQUIT); see supernode.log",
+    3: "Flower's graceful exit on SIGTERM",
+}
 
 
-def explain_supernode_exit(code: int) -> str:
-    """Return a plain explanation of a SuperNode exit code."""
-    if code in _EXIT_HELP:
-        return _EXIT_HELP[code]
+def explain_supernode_exit(code: int | None) -> str:
+    """Return a plain explanation of a SuperNode exit status (never raises).
+
+    A status above 255 reaches us truncated to one byte (Flower's 305 arrives as 49); where
+    that is unambiguous the explanation is Flower's code's, and says so
+    (:func:`consilia.common.flower.exit_codes.untruncated_exit_code`).
+    """
+    try:
+        return _explain(code)
+    except Exception as exc:  # noqa: BLE001 - an explanation must never stop the supervisor
+        return f"see supernode.log (no explanation: {exc!r})"
+
+
+def _explain(code: int | None) -> str:
+    from consilia.common.flower.exit_codes import (
+        SIGNAL_STATUSES,
+        flower_exit_code_help,
+        untruncated_exit_code,
+    )
+
+    if code is None:
+        return "exit status unknown; see supernode.log"
+    code = int(code)
     if code < 0:
         return f"killed by signal {-code}"
-    from consilia.common.flower.exit_codes import flower_exit_code_help
+    original = untruncated_exit_code(code)
+    if original is not None:
+        text = _EXIT_HELP.get(original) or flower_exit_code_help(original) or "see supernode.log"
+        return f"{text} (Flower exit code {original}, seen as {code})"
+    if code in _EXIT_HELP or code in _STATUS_HELP:
+        return _EXIT_HELP.get(code) or _STATUS_HELP[code]
+    text = flower_exit_code_help(code)
+    if text:
+        return text
+    if code in SIGNAL_STATUSES:
+        signal_name = _signal_name(code - 128)
+        truncated = [c for c in range(code + 256, 1024, 256) if flower_exit_code_help(c)]
+        also = f", or Flower exit code {truncated[0]} truncated" if truncated else ""
+        return f"probably killed by signal {code - 128}{signal_name}{also}; see supernode.log"
+    return "see supernode.log"
 
-    return flower_exit_code_help(code) or "see supernode.log"
+
+def _signal_name(number: int) -> str:
+    try:
+        return f" ({signal.Signals(number).name})"
+    except ValueError:
+        return ""
 
 
 class Backoff:

@@ -1,1 +1,1 @@
-"""common/data."""
+"""Images and their sources: the image container, datasets, site files, DICOM, transforms."""

@@ -1,1 +1,1 @@
-"""common/evaluation."""
+"""Numbers about a model: metrics, CIs, reliability, cross-site, fairness, saliency, plots."""

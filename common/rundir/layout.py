@@ -1,10 +1,11 @@
 """The layout of a run directory and its typed readers (``docs/run-directory.md``).
 
 :class:`RunDir` is the one place that knows where each file of a run lives (``config.yaml``,
-``task.json``, ``sites/site-XX.npz``, ``test_set.npz``, ``global_model.pt``, ``metrics/``, ...)
+``task.json``, ``sites/site-XX.npz``, ``test_set.npz``, ``global_model.safetensors``,
+``metrics/``, ...)
 and how to read it: site files through :func:`consilia.common.data.sitefile.load_site_npz`,
 the test split as :class:`~consilia.common.data.images.ImageData`, checkpoints through
-:func:`consilia.common.serde.load_checkpoint`, round records through
+:func:`consilia.common.model_files.load_model_file`, round records through
 :func:`consilia.common.rundir.round_records.read_round_records`. Every reader of a run
 directory (``fl-report``, cross-site validation, audits, benchmarks) goes through it.
 """
@@ -21,8 +22,8 @@ from torch import nn
 
 from consilia.common.data.images import ImageData
 from consilia.common.data.sitefile import load_site_npz
+from consilia.common.model_files import MODEL_SUFFIX, load_model_file, pickle_refusal
 from consilia.common.rundir.round_records import read_round_records
-from consilia.common.serde import load_checkpoint
 
 __all__ = ["GLOBAL_MODEL", "RunDir", "SiteData"]
 
@@ -127,8 +128,8 @@ class RunDir:
 
     @property
     def global_model_path(self) -> Path:
-        """``global_model.pt``: the final global model."""
-        return self.path / "global_model.pt"
+        """``global_model.safetensors``: the final global model."""
+        return self.path / f"global_model{MODEL_SUFFIX}"
 
     @property
     def models_dir(self) -> Path:
@@ -137,8 +138,8 @@ class RunDir:
 
     @property
     def centralized_model_path(self) -> Path:
-        """``models/centralized.pt``: the centralized baseline."""
-        return self.models_dir / "centralized.pt"
+        """``models/centralized.safetensors``: the centralized baseline."""
+        return self.model_path("centralized")
 
     @property
     def plots_dir(self) -> Path:
@@ -178,12 +179,12 @@ class RunDir:
         return self.predictions_dir / f"{model}.npz"
 
     def model_path(self, name: str) -> Path:
-        """Return the baseline checkpoint ``models/<name>.pt`` (e.g. ``local-site-00``)."""
-        return self.models_dir / f"{name}.pt"
+        """Return the baseline model file ``models/<name>.safetensors`` (``local-site-00``)."""
+        return self.models_dir / f"{name}{MODEL_SUFFIX}"
 
     def round_checkpoint_path(self, server_round: int) -> Path:
-        """Return ``checkpoints/round-NNN.pt`` of ``server_round``."""
-        return self.checkpoints_dir / f"round-{server_round:03d}.pt"
+        """Return ``checkpoints/round-NNN.safetensors`` of ``server_round``."""
+        return self.checkpoints_dir / f"round-{server_round:03d}{MODEL_SUFFIX}"
 
     def privacy_ledger_paths(self) -> list[Path]:
         """Return ``site-state/*/privacy-ledger.json``, sorted."""
@@ -195,12 +196,21 @@ class RunDir:
         return sorted(self.sites_dir.glob("site-*.npz"))
 
     def round_checkpoints(self) -> list[Path]:
-        """Return ``checkpoints/round-*.pt``, sorted."""
-        return sorted(self.checkpoints_dir.glob("round-*.pt"))
+        """Return ``checkpoints/round-*.safetensors``, sorted."""
+        return sorted(self.checkpoints_dir.glob(f"round-*{MODEL_SUFFIX}"))
 
     def local_model_files(self) -> list[Path]:
-        """Return the local-only baselines ``models/local-site-*.pt``, sorted."""
-        return sorted(self.models_dir.glob("local-site-*.pt"))
+        """Return the local-only baselines ``models/local-site-*.safetensors``, sorted."""
+        return sorted(self.models_dir.glob(f"local-site-*{MODEL_SUFFIX}"))
+
+    def legacy_model_files(self) -> list[Path]:
+        """Return the pickle-era ``.pt`` model files (``global_model.pt``, ``checkpoints/``, ...).
+
+        Consilia no longer reads them (a pickle can run code); tools name them and stop.
+        """
+        found = [self.path / "global_model.pt"]
+        found += sorted(self.checkpoints_dir.glob("*.pt")) + sorted(self.models_dir.glob("*.pt"))
+        return [path for path in found if path.is_file()]
 
     def prediction_files(self) -> list[Path]:
         """Return ``predictions/*.npz``, sorted (empty when the folder is missing)."""
@@ -330,18 +340,24 @@ class RunDir:
         return found
 
     def load_global_model(self) -> tuple[nn.Module, Any, dict[str, Any]]:
-        """Load ``global_model.pt``: ``(model, run_config, meta)``.
+        """Load ``global_model.safetensors``: ``(model, run_config, meta)``.
 
         Raises
         ------
         FileNotFoundError
             If the run has no global model.
+        consilia.common.model_files.ModelFileError
+            If the model file is refused (altered, non-finite weights), or the run has only a
+            pickle-era ``global_model.pt`` (never loaded).
 
         """
         path = self.global_model_path
         if not path.is_file():
+            legacy = self.path / "global_model.pt"
+            if legacy.is_file():
+                raise pickle_refusal(legacy)
             raise FileNotFoundError(f"{path}: no global model (did the federated run finish?)")
-        return load_checkpoint(path)
+        return load_model_file(path)
 
     def load_models(self, centralized: bool = True) -> tuple[dict[str, nn.Module], Any]:
         """Load the run's trained models: global, centralized and local-only baselines.
@@ -349,7 +365,7 @@ class RunDir:
         Parameters
         ----------
         centralized : bool
-            Include ``models/centralized.pt`` when it exists.
+            Include ``models/centralized.safetensors`` when it exists.
 
         Returns
         -------
@@ -360,13 +376,13 @@ class RunDir:
         Raises
         ------
         FileNotFoundError
-            If ``global_model.pt`` is missing.
+            If ``global_model.safetensors`` is missing.
 
         """
         model, run_config, _ = self.load_global_model()
         models: dict[str, nn.Module] = {GLOBAL_MODEL: model}
         if centralized and self.centralized_model_path.is_file():
-            models["centralized"] = load_checkpoint(self.centralized_model_path)[0]
+            models["centralized"] = load_model_file(self.centralized_model_path)[0]
         for local in self.local_model_files():
-            models[local.stem] = load_checkpoint(local)[0]
+            models[local.stem] = load_model_file(local)[0]
         return models, run_config

@@ -1,1 +1,1 @@
-"""common/training."""
+"""The one train / evaluate / predict engine: training loop, inference, losses, optimizers."""

@@ -1,1 +1,1 @@
-"""server/control."""
+"""The operator's tools: ``fl-server``, SuperLink, site registry, run launcher, proxy."""

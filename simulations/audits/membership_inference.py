@@ -45,8 +45,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from consilia.client.trainer import build_task_model, train_model
 from consilia.common.config import RunConfig
 from consilia.common.data.images import ImageData
+from consilia.common.model_files import load_model_file
 from consilia.common.rundir.layout import RunDir
-from consilia.common.serde import load_checkpoint
 from consilia.common.training.inference import evaluate_on
 
 __all__ = [
@@ -221,9 +221,10 @@ def _train_shadow(run: RunConfig, data: ImageData, epochs: int, seed: int,
     if run.dp.enabled and run.dp.mode == "local":
         from consilia.client.privacy.controller import PrivacyController
         from consilia.client.privacy.ledger import PrivacyLedger
+        from consilia.client.privacy.simulated_sites import simulated_site_dp
 
         privacy = PrivacyController(
-            run.dp, budget_epsilon=run.dp.target_epsilon, budget_delta=None,
+            simulated_site_dp(run.dp), budget_epsilon=run.dp.target_epsilon, budget_delta=None,
             ledger=PrivacyLedger(ledger_dir / f"shadow-{index}.json"), dataset_key="shadow",
             model_name=run.model.name, noise_seed=seed,
         ).bind_round(f"shadow-{index}", 1, 1)
@@ -235,12 +236,12 @@ def _train_shadow(run: RunConfig, data: ImageData, epochs: int, seed: int,
 def audit_run(
     run_dir: Path, shadows: int = 8, per_group: int = 500, seed: int = 0, write: bool = True
 ) -> MembershipAudit:
-    """Run both attacks against ``run_dir/global_model.pt``; write ``privacy_audit.json``.
+    """Run both attacks against ``run_dir/global_model.safetensors``; write ``privacy_audit.json``.
 
     Parameters
     ----------
     run_dir : Path
-        An ``fl-sim`` run directory (needs ``global_model.pt``, ``sites/`` and
+        An ``fl-sim`` run directory (needs ``global_model.safetensors``, ``sites/`` and
         ``test_set.npz``).
     shadows : int
         Shadow models for LiRA (even; 0 = loss attack only).
@@ -269,7 +270,7 @@ def audit_run(
     start = time.perf_counter()
     run_dir = Path(run_dir)
     layout = RunDir(run_dir)
-    target, run, _ = load_checkpoint(layout.global_model_path)
+    target, run, _ = load_model_file(layout.global_model_path)
     members_all, test_all = _site_members(layout), _test_set(layout)
     mi, ni = class_matched_sample(members_all.labels, test_all.labels, per_group, seed)
     members = ImageData(members_all.images[mi], members_all.labels[mi])

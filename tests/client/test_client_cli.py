@@ -260,6 +260,92 @@ def test_supernode_exit_codes_are_explained():
     assert explain_supernode_exit(-9) == "killed by signal 9"
 
 
+@pytest.mark.parametrize(("status", "flower_code", "says"), [
+    (46, 302, "OpenSSH ECDSA"), (47, 303, "needs TLS"), (48, 304, "trusted entities"),
+    (49, 305, "register"), (88, 600, "address cannot be parsed"),
+    (90, 602, "--insecure"), (91, 603, "--insecure"), (92, 604, "path is invalid"),
+    (93, 605, "certificate"), (94, 606, "Upgrade"), (95, 607, "import"),
+    (96, 608, "dependencies"), (32, 800, "task process"), (244, 500, "public key"),
+])
+def test_truncated_flower_exit_codes_are_mapped_back(status, flower_code, says):
+    from consilia.common.flower.exit_codes import untruncated_exit_code
+
+    assert flower_code % 256 == status  # what the OS leaves of Flower's code
+    assert untruncated_exit_code(status) == flower_code
+    text = explain_supernode_exit(status)
+    assert says in text and f"Flower exit code {flower_code}, seen as {status}" in text
+
+
+def test_only_unambiguous_statuses_are_mapped_back():
+    from consilia.common.flower.exit_codes import (
+        TRUNCATED_EXIT_CODES,
+        flower_exit_codes,
+        untruncated_exit_code,
+    )
+
+    assert len(TRUNCATED_EXIT_CODES) == 14
+    codes = set(flower_exit_codes().values())
+    for status in (0, 1, 2, 3, 137, 250):  # a status of its own, or 128 + a signal
+        assert untruncated_exit_code(status) is None
+    for status in (144, 145, 146, 188, 189):  # 400-402, 700, 701: also 128 + a signal
+        assert any(status + k * 256 in codes for k in (1, 2))
+        assert untruncated_exit_code(status) is None
+        assert "probably killed by signal" in explain_supernode_exit(status)
+    assert "SIGKILL" in explain_supernode_exit(137)
+    assert explain_supernode_exit(None) and explain_supernode_exit(10**6) == "see supernode.log"
+
+
+FAKE_SUPERNODE = """
+import sys
+from pathlib import Path
+
+plan = Path(sys.argv[1])
+codes = plan.read_text().split()
+plan.write_text(" ".join(codes[1:]))
+print("fake SuperNode: exiting with", codes[0], flush=True)
+sys.exit(int(codes[0]))
+"""
+
+
+def test_no_supernode_exit_status_stops_the_supervisor(tmp_path, monkeypatch, caplog):
+    """A fake SuperNode exits with each status in turn: each is explained, with back-off."""
+    import sys
+
+    statuses = [0, 1, 2, 46, 47, 49, 88, 92, 137, 305]  # 305: the OS hands us 49
+    script, plan = tmp_path / "fake_supernode.py", tmp_path / "plan.txt"
+    script.write_text(FAKE_SUPERNODE)
+    plan.write_text(" ".join(map(str, statuses)))
+    path = write_site(tmp_path / "site")
+    _set(path, "runtime", "isolation", "subprocess")
+    _set(path, "runtime", "max_backoff_s", 4)
+    sup = SiteSupervisor(load_site_config(path), path)
+    monkeypatch.setattr(sup, "supernode_command", lambda: [sys.executable, str(script),
+                                                          str(plan)])
+    monkeypatch.setattr(sup, "wait_for_coordinator", lambda backoff: True)
+    (child,) = sup._children()
+    caplog.set_level(logging.INFO, logger="consilia")
+    logging.getLogger("consilia").propagate = True
+    now = time.monotonic()
+    for _ in statuses:
+        sup._tend(child, now)  # (re)start
+        assert child.process is not None
+        child.process.wait(timeout=30)
+        sup._tend(child, now)  # notices the exit: explains it, schedules the restart
+        assert child.process is None
+        now = child.restart_at
+    exits = [r.getMessage() for r in caplog.records if "SuperNode exited" in r.getMessage()]
+    assert [int(m.split("code ")[1].split(":")[0]) for m in exits] == [
+        0, 1, 2, 46, 47, 49, 88, 92, 137, 49]
+    waits = [m.rsplit("restarting in ", 1)[1] for m in exits]
+    assert waits == ["1 s", "2 s", "4 s"] + ["4 s"] * 7  # backs off as before, capped
+    assert "without an error" in exits[0]
+    assert "Flower exit code 302, seen as 46" in exits[3]
+    assert "Flower exit code 600, seen as 88" in exits[6]
+    assert "SIGKILL" in exits[8]
+    assert "register" in exits[9] and "Flower exit code 305, seen as 49" in exits[9]
+    assert plan.read_text() == ""
+
+
 def test_supernode_poll_tuning_only_touches_flowers_loop(monkeypatch):
     from flwr.supernode import start_client_internal as loop
 

@@ -227,7 +227,7 @@ def _experiment(tmp_path: Path, *overrides: str):
 
 
 def test_federation_calibrates_the_head_with_class_aggregates_only(tmp_path: Path) -> None:
-    from consilia.common.serde import load_checkpoint
+    from consilia.common.model_files import load_model_file
     from consilia.simulations.audits.message_audit import audit_reply
 
     cfg, result, replies = _experiment(tmp_path)
@@ -237,8 +237,8 @@ def test_federation_calibrates_the_head_with_class_aggregates_only(tmp_path: Pat
     assert cal["declined"] == {} and cal["images"] > 0 and cal["virtual_per_class"] == 200
     assert "federated_before_calibration" in final and "federated" in final
     # the saved global model is the calibrated one: only the head differs from round 2's
-    last, _, _ = load_checkpoint(result.run_dir / "checkpoints" / "round-002.pt")
-    calibrated, _, _ = load_checkpoint(result.run_dir / "global_model.pt")
+    last, _, _ = load_model_file(result.run_dir / "checkpoints" / "round-002.safetensors")
+    calibrated, _, _ = load_model_file(result.run_dir / "global_model.safetensors")
     a, b = last.state_dict(), calibrated.state_dict()
     changed = {k for k in a if not torch.equal(a[k], b[k])}
     head = [k for k in a if k.endswith((".weight", ".bias"))][-2:]

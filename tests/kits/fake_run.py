@@ -11,7 +11,8 @@ import yaml
 
 from consilia.common.config import ModelConfig, RunConfig, TaskSpec
 from consilia.common.evaluation.metrics import compute_metrics
-from consilia.common.serde import model_from_run_config, save_checkpoint
+from consilia.common.model_files import save_model_file
+from consilia.common.serde import model_from_run_config
 from consilia.common.training.inference import predict_proba
 
 SIZE = 16
@@ -97,13 +98,14 @@ def make_run_dir(root: Path, class_names: list[str] | None = None, num_sites: in
     for i, site in enumerate(sites):
         models[f"local-{site}"] = train_briefly(model_from_run_config(run), *site_train[site],
                                                 steps=10, seed=seed + i + 1)
-    save_checkpoint(root / "global_model.pt", models["federated"], run, 3)
-    save_checkpoint(root / "checkpoints" / "round-003.pt", models["federated"], run, 3)
+    save_model_file(root / "global_model.safetensors", models["federated"], run, 3)
+    save_model_file(root / "checkpoints" / "round-003.safetensors", models["federated"], run, 3)
     final: dict = {"local_only": {}}
     (root / "predictions").mkdir(exist_ok=True)
     for name, model in models.items():
         if name != "federated":
-            save_checkpoint(root / "models" / f"{name}.pt", model, run, 0, {"baseline": name})
+            save_model_file(root / "models" / f"{name}.safetensors", model, run, 0,
+                            {"baseline": name})
         prob = predict_proba(model, test_images)
         np.savez_compressed(root / "predictions" / f"{name}.npz", y_true=test_labels,
                             y_prob=prob)

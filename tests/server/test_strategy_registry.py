@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from consilia.common.config import DPConfig, StrategyConfig
 from consilia.common.registry import UnknownNameError
 from consilia.server.central_dp import AccountedServerSideClipping
-from consilia.server.round_hooks import NoRecording
+from consilia.server.round_hooks import RoundHooks
 from consilia.server.strategy import STRATEGIES, RecordingStrategy, build_strategy
 
 FLOWER_CLASS = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
@@ -33,7 +33,7 @@ def test_the_registry_holds_exactly_the_names_the_config_accepts() -> None:
 def test_each_registered_strategy_is_a_recording_flower_strategy(name: str) -> None:
     cfg = StrategyConfig(name=name, rounds=4, min_train_sites=2, min_evaluate_sites=2,
                          min_available_sites=2)
-    hooks = NoRecording()
+    hooks = RoundHooks()
     strategy = build_strategy(cfg, DPConfig(), hooks)
     assert isinstance(strategy, RecordingStrategy)
     assert isinstance(strategy, FLOWER_CLASS[name])
@@ -55,7 +55,7 @@ def test_fedprox_sends_its_mu_and_fedadam_gets_its_server_optimizer() -> None:
 
 
 def test_central_dp_wraps_the_registered_strategy_with_the_same_hooks() -> None:
-    hooks = NoRecording()
+    hooks = RoundHooks()
     strategy = build_strategy(StrategyConfig(name="fedavg"),
                               DPConfig(enabled=True, mode="central"), hooks)
     assert isinstance(strategy, AccountedServerSideClipping)

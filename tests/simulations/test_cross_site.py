@@ -12,8 +12,8 @@ import pytest
 from fake_run import make_run_dir
 
 from consilia.common.evaluation.metrics import point_metrics
+from consilia.common.model_files import load_model_file
 from consilia.common.rundir.layout import RunDir
-from consilia.common.serde import load_checkpoint
 from consilia.common.training.inference import predict_proba
 from consilia.simulations.cross_site import cross_site_validation
 
@@ -41,7 +41,7 @@ def test_table_has_every_model_on_every_site(run_dir, result):
 
 
 def test_values_equal_a_direct_evaluation_on_the_site_val_split(run_dir, result):
-    model, _, _ = load_checkpoint(run_dir / "models" / "local-site-01.pt")
+    model, _, _ = load_model_file(run_dir / "models" / "local-site-01.safetensors")
     with np.load(run_dir / "sites" / "site-02.npz") as z:
         expected = point_metrics(z["val_labels"], predict_proba(model, z["val_images"]))
     assert result["cross_site"]["auc"]["local-site-01"]["site-02"] == pytest.approx(
@@ -94,7 +94,7 @@ def test_runs_without_baselines_and_skips_sites_without_val(tmp_path, run_dir):
 def test_missing_global_model_is_a_clear_error(tmp_path, run_dir):
     copy = tmp_path / "run"
     shutil.copytree(run_dir / "sites", copy / "sites")
-    with pytest.raises(FileNotFoundError, match="global_model.pt"):
+    with pytest.raises(FileNotFoundError, match="global_model.safetensors"):
         cross_site_validation(copy)
     with pytest.raises(FileNotFoundError, match="no site-XX.npz"):
         RunDir(tmp_path).read_site_validation()

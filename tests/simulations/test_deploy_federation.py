@@ -160,8 +160,8 @@ def test_fedprox_three_rounds_survive_a_site_killed_mid_round(federation):
     assert time.monotonic() - killed_at < 400
     # nothing lost: a checkpoint per round, the final model, the run directory files
     for rnd in (1, 2, 3):
-        assert (run_dir / "checkpoints" / f"round-{rnd:03d}.pt").is_file()
-    for name in ("global_model.pt", "config.yaml", "task.json", "environment.json",
+        assert (run_dir / "checkpoints" / f"round-{rnd:03d}.safetensors").is_file()
+    for name in ("global_model.safetensors", "config.yaml", "task.json", "environment.json",
                  "metrics/rounds.csv", "federated_metrics.json", "deployment.json"):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "deployment.json").read_text())["status"] == (
@@ -169,9 +169,9 @@ def test_fedprox_three_rounds_survive_a_site_killed_mid_round(federation):
     # the global model is clearly better than chance (6 classes: 1/6)
     final = rounds[-1]["server_eval"]
     assert final["accuracy"] > 0.35 and final["auc"] > 0.75, final
-    from consilia.common.serde import load_checkpoint
+    from consilia.common.model_files import load_model_file
 
-    model, run, _meta = load_checkpoint(run_dir / "global_model.pt")
+    model, run, _meta = load_model_file(run_dir / "global_model.safetensors")
     assert run.task.class_names == classes and run.strategy.name == "fedprox"
     # classifier calibration ran through the sites' long-lived ClientApp processes (query
     # messages) with the two surviving sites; site-c's node did not answer

@@ -108,7 +108,7 @@ def test_held_out_site_never_trains(loso_run):
         assert set(record["sites"]) == {"site-00", "site-02"}
         assert all("train-loss" in entry for entry in record["sites"].values())
     assert sorted(p.stem for p in (loso_run / "sites").glob("*.npz")) == ["site-00", "site-02"]
-    assert sorted(p.stem for p in (loso_run / "models").glob("local-*.pt")) == [
+    assert sorted(p.stem for p in (loso_run / "models").glob("local-*.safetensors")) == [
         "local-site-00", "local-site-02"]
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from consilia.common.config import load_experiment_config
+from consilia.common.model_files import load_model_file
 from consilia.common.rundir.round_records import read_round_records
-from consilia.common.serde import load_checkpoint
 from consilia.simulations.cli import main as fl_sim
 from consilia.simulations.run import run_experiment
 
@@ -46,13 +46,14 @@ def test_mednist_federation_beats_chance_and_writes_the_run_directory(tmp_path, 
                                                                    len(z["val_labels"]))
     assert sum(sizes) > 1000
     for name in ("config.yaml", "environment.json", "task.json", "partition.csv",
-                 "metrics/rounds.csv", "final_metrics.json", "checkpoints/round-001.pt",
-                 "checkpoints/round-002.pt", "global_model.pt", "plots/learning_curves.png",
+                 "metrics/rounds.csv", "final_metrics.json", "checkpoints/round-001.safetensors",
+                 "checkpoints/round-002.safetensors", "global_model.safetensors",
+                 "plots/learning_curves.png",
                  "plots/confusion_matrix.png", "predictions/federated.npz", "cross_site.csv"):
         assert (run_dir / name).is_file(), name
     env = json.loads((run_dir / "environment.json").read_text())
     assert env["versions"]["flwr"].startswith("1.42")
-    model, run, meta = load_checkpoint(run_dir / "global_model.pt")
+    model, run, meta = load_model_file(run_dir / "global_model.safetensors")
     assert run.task.class_names == ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
     assert meta["round"] == 2
 

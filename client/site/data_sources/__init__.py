@@ -21,7 +21,11 @@ Rules:
   preprocessing parameters (image size, channels, frame policy, pipeline/decoder versions), so
   a second load decodes nothing, and an edited file is decoded again. Skips are cached too.
 * No file is dropped silently: unusable files, labels outside the class list, files without a
-  label and CSV rows without a file all appear in the report.
+  label and CSV rows without a file all appear in the report; ``fl-client --check`` writes the
+  full report, every file with its reason, to ``<state_dir>/data-report.json``.
+* Decoding is bounded: a DICOM file whose decoded pixel data would exceed
+  ``data.max_decoded_megabytes`` (default 512) is skipped before anything is decoded (see
+  :mod:`consilia.common.data.dicom.size_guard`).
 * Images are resized to ``image_size`` x ``image_size`` (antialiased bilinear, the same
   resize as :func:`consilia.common.data.datasets.base.resize_images`) and converted to the run's
   channel count (grey -> RGB by copying; RGB -> grey with ITU-R BT.601 luma weights).

@@ -15,7 +15,7 @@ from consilia.client.site.data_sources.report import DataReport
 
 __all__ = ["CACHE_VERSION", "DecodedImageCache", "file_sha256", "pipeline_signature"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: bounded decoding; constant images and unusable LUT values skipped
 
 
 def pipeline_signature() -> str:

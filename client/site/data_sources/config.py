@@ -11,15 +11,13 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from consilia.common.config import StrictModel
-from consilia.common.data.dicom import FramePolicy
+from consilia.common.data.dicom import DEFAULT_MAX_DECODED_MEGABYTES, FramePolicy
 
 __all__ = ["DataSourceConfig", "DataSourceError", "DicomSourceConfig", "ImageFolderSourceConfig"]
 
 
 class DataSourceError(ValueError):
     """The data source itself is unusable (missing root, bad labels CSV); says what to fix."""
-
-
 
 
 class DicomSourceConfig(StrictModel):
@@ -29,7 +27,9 @@ class DicomSourceConfig(StrictModel):
     CSV's ``path_column`` holds paths relative to ``root`` (forward or back slashes); with
     ``key="sop_instance_uid"`` its ``uid_column`` holds SOP Instance UIDs and the tree is
     scanned for them. Further CSV columns (e.g. ``split``, ``patient_id``) are carried into each
-    image's ``meta["csv"]``.
+    image's ``meta["csv"]``. ``max_decoded_megabytes`` is the decode limit: a file whose decoded
+    pixel data (Rows x Columns x frames x samples x BitsAllocated / 8) would take more is
+    skipped, with that reason, before anything is decoded.
     """
 
     kind: Literal["dicom"] = "dicom"
@@ -40,6 +40,10 @@ class DicomSourceConfig(StrictModel):
     uid_column: str = "sop_instance_uid"
     label_column: str = "label"
     frame_policy: FramePolicy = "middle"
+    max_decoded_megabytes: float = Field(
+        DEFAULT_MAX_DECODED_MEGABYTES, gt=0, le=65536,
+        description="decode limit per file, in MB of decoded pixel data (2**20 bytes)",
+    )
 
     @property
     def labels_path(self) -> Path:

@@ -217,10 +217,18 @@ def collect_dicom(
     return resolve_labels(labelled, conflicts, root, class_names, report)
 
 
-def decode_dicom(path: Path, frame_policy: FramePolicy) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode a DICOM file into ``float32`` ``(C, H, W)`` in ``[0, 1]`` and its header values."""
+def decode_dicom(
+    path: Path, frame_policy: FramePolicy, max_decoded_megabytes: float
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode a DICOM file into ``float32`` ``(C, H, W)`` in ``[0, 1]`` and its header values.
+
+    Raises :class:`UnusableFileError` with the reason for a file that is not a usable image
+    (including one whose decoded size would exceed ``max_decoded_megabytes``).
+    """
     try:
-        image = read_dicom(path, frame_policy=frame_policy)
+        image = read_dicom(
+            path, frame_policy=frame_policy, max_decoded_megabytes=max_decoded_megabytes
+        )
     except DicomSkip as skip:
         raise UnusableFileError(skip.reason) from skip
     meta = {k: image.meta.get(k) for k in META_FROM_HEADER}

@@ -71,11 +71,9 @@ def _progress(items: list[LabelledFile], enabled: bool, desc: str) -> Iterable[L
 
 def _reader(source: DataSourceConfig) -> Callable[[Path], tuple[np.ndarray, dict[str, Any]]]:
     if isinstance(source, DicomSourceConfig):
-        policy = source.frame_policy
-        return lambda path: decode_dicom(path, policy)
+        policy, limit = source.frame_policy, source.max_decoded_megabytes
+        return lambda path: decode_dicom(path, policy, limit)
     return decode_picture
-
-
 
 
 def scan_site_data(
@@ -112,10 +110,11 @@ def scan_site_data(
     for entry in entries:
         try:
             if decode:
+                report.decoded_now += 1
                 pixels, meta = reader(entry.path)
                 channels = int(pixels.shape[0])
             elif isinstance(source, DicomSourceConfig):
-                meta = inspect_dicom(entry.path)
+                meta = inspect_dicom(entry.path, source.max_decoded_megabytes)
                 photometric = str(meta.get("PhotometricInterpretation") or "")
                 channels = 1 if photometric.startswith("MONOCHROME") else 3
             else:
@@ -170,9 +169,12 @@ def load_site_data(
     _validate_task(class_names, in_channels, image_size)
     report = DataReport(source.describe(), list(class_names), decoded=True)
     entries = _collect(source, class_names, report)
-    policy = source.frame_policy if isinstance(source, DicomSourceConfig) else "-"
+    if isinstance(source, DicomSourceConfig):  # both decide what decodes, and the skips
+        decoding = f"{source.frame_policy};{source.max_decoded_megabytes}"
+    else:
+        decoding = "-"
     cache = DecodedImageCache(
-        cache_dir, f"{source.kind};{policy};{in_channels};{image_size}", report
+        cache_dir, f"{source.kind};{decoding};{in_channels};{image_size}", report
     )
     reader = _reader(source)
     images: list[np.ndarray] = []

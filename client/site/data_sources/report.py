@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import difflib
+import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DataReport", "SkippedFile"]
+__all__ = ["DATA_REPORT_FILE", "DataReport", "SkippedFile"]
+
+DATA_REPORT_FILE = "data-report.json"
+"""The full report's file name in the site's state directory (every file and its reason)."""
 
 _MAX_LISTED = 20
 
@@ -34,6 +40,9 @@ class DataReport:
         True when pixels were decoded (a load or ``scan_site_data(decode=True)``); False for a
         header-only check.
 
+    Once :meth:`write_json` has written the full report, the text report names that file
+    wherever it shortens a list.
+
     """
 
     source: str
@@ -51,6 +60,7 @@ class DataReport:
     notes: list[str] = field(default_factory=list)
     cache_hits: int = 0
     decoded_now: int = 0
+    json_path: Path | None = None
 
     def __post_init__(self) -> None:
         for name in self.class_names:
@@ -95,19 +105,66 @@ class DataReport:
             "problems": self.n_problems,
         }
 
-    def to_text(self) -> str:
-        """Return a plain report for the hospital's IT staff (long lists are shortened)."""
-        lines = [f"Site data: {self.source}"]
-        if self.decoded:
-            lines.append(
-                f"Pixels decoded: yes ({self.cache_hits} from cache, {self.decoded_now} now)"
+    def write_json(self, path: Path) -> Path:
+        """Write the full report (:meth:`to_dict`) to ``path`` atomically and remember it.
+
+        Parameters
+        ----------
+        path : Path
+            Usually ``<state_dir>/data-report.json`` (:data:`DATA_REPORT_FILE`).
+
+        Returns
+        -------
+        Path
+            ``path``.
+
+        Raises
+        ------
+        OSError
+            If the file cannot be written.
+
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        self.json_path = path
+        return path
+
+    def _listed(self, items: list[str], indent: str = "    ") -> list[str]:
+        out = [f"{indent}{item}" for item in items[:_MAX_LISTED]]
+        if len(items) > _MAX_LISTED:
+            where = (
+                f"full list in {self.json_path}"
+                if self.json_path is not None
+                else f"not listed here; fl-client --check writes every one to {DATA_REPORT_FILE}"
+                " in the state directory"
             )
-        else:
-            lines.append(
+            out.append(f"{indent}... and {len(items) - _MAX_LISTED} more ({where})")
+        return out
+
+    def _decoded_line(self) -> str:
+        if not self.decoded:
+            return (
                 "Pixels decoded: no (header check only; a corrupt compressed image is found "
                 "only when the data are loaded)"
             )
-        lines.append("")
+        if self.cache_hits + self.decoded_now == 0:
+            return "Pixels decoded: none (no labelled file to decode)"
+        if self.cache_hits == 0:
+            return f"Pixels decoded: yes ({self.decoded_now} file(s) decoded)"
+        return (
+            f"Pixels decoded: yes ({self.decoded_now} file(s) decoded now, "
+            f"{self.cache_hits} from the cache)"
+        )
+
+    def to_text(self) -> str:
+        """Return a plain report for the hospital's IT staff (long lists are shortened)."""
+        lines = [f"Site data: {self.source}", self._decoded_line(), ""]
         lines.append(f"Usable images: {self.n_usable} of {self.files_found} files found")
         width = max((len(n) for n in self.class_names), default=0)
         for name in self.class_names:
@@ -131,7 +188,7 @@ class DataReport:
             lines.append(f"Problems: {self.n_problems} file(s) or CSV row(s) not used")
             if self.skipped:
                 lines.append(f"  Unusable files ({len(self.skipped)}):")
-                lines += _listed([f"{s.path}: {s.reason}" for s in self.skipped])
+                lines += self._listed([f"{s.path}: {s.reason}" for s in self.skipped])
             if self.unknown_labels:
                 total = sum(len(v) for v in self.unknown_labels.values())
                 lines.append(
@@ -146,12 +203,12 @@ class DataReport:
                     lines.append(f"    '{label}': {len(paths)} file(s){hint}{example}")
             if self.unlabelled:
                 lines.append(f"  Files with no label ({len(self.unlabelled)}):")
-                lines += _listed(self.unlabelled)
+                lines += self._listed(self.unlabelled)
             if self.missing_files:
                 lines.append(
                     f"  Labels CSV rows with no matching file ({len(self.missing_files)}):"
                 )
-                lines += _listed(self.missing_files)
+                lines += self._listed(self.missing_files)
         if self.notes:
             lines.append("")
             lines.append("Notes:")
@@ -159,11 +216,6 @@ class DataReport:
         return "\n".join(lines) + "\n"
 
 
-def _listed(items: list[str], indent: str = "    ") -> list[str]:
-    out = [f"{indent}{item}" for item in items[:_MAX_LISTED]]
-    if len(items) > _MAX_LISTED:
-        out.append(f"{indent}... and {len(items) - _MAX_LISTED} more (see the JSON report)")
-    return out
 
 
 def _size_summary(sizes: Counter[str]) -> str:

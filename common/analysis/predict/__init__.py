@@ -2,7 +2,7 @@
 
 Example::
 
-    fl-predict --model runs/demo/global_model.pt scans/ extra.dcm --out preds --gradcam
+    fl-predict --model runs/demo/global_model.safetensors scans/ extra.dcm --out preds --gradcam
 
 Writes ``predictions.csv`` and/or ``predictions.json`` (file, predicted class, one probability
 per class), ``skipped.csv`` (files that could not be read, with the reason) and, with

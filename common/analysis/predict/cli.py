@@ -11,7 +11,7 @@ from consilia.common.analysis.predict.classify import predict_files
 from consilia.common.analysis.predict.inputs import collect_inputs
 from consilia.common.analysis.predict.outputs import write_outputs
 from consilia.common.logs import TOOL, setup_logging
-from consilia.common.serde import load_checkpoint
+from consilia.common.model_files import PickleModelFileError, load_model_file
 
 __all__ = ["build_parser", "main"]
 
@@ -20,11 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fl-predict",
         description="Classify DICOM/PNG/JPEG files (or folders, recursively) with a Consilia "
-        "checkpoint; write per-image class probabilities and optional saliency overlays.",
+        "model file (.safetensors); write per-image class probabilities and optional saliency "
+        "overlays.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders")
-    parser.add_argument("--model", required=True, type=Path, metavar="CHECKPOINT",
-                        help="checkpoint file (e.g. RUN_DIR/global_model.pt)")
+    parser.add_argument("--model", required=True, type=Path, metavar="MODEL_FILE",
+                        help="a Consilia .safetensors model file "
+                        "(e.g. RUN_DIR/global_model.safetensors)")
     parser.add_argument("--out", type=Path, default=Path("predictions"), metavar="DIR",
                         help="output folder (default: ./predictions)")
     parser.add_argument("--format", choices=("csv", "json", "both"), default="both",
@@ -47,7 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fl-predict: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
     try:
-        model, run, _meta = load_checkpoint(args.model)
+        model, run, _meta = load_model_file(args.model)
+    except PickleModelFileError as exc:
+        print(f"fl-predict: {exc}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as exc:
         print(f"fl-predict: cannot load --model: {exc}", file=sys.stderr)
         return 2

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from consilia.common.analysis.report.document import build_report
 from consilia.common.logs import TOOL, setup_logging
+from consilia.common.model_files import ModelFileError
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``fl-report``; return the exit code (0 ok, 2 bad arguments)."""
+    """Run ``fl-report``; return the exit code (0 ok, 2 bad arguments or a refused model file)."""
     parser = argparse.ArgumentParser(
         prog="fl-report",
         description="Write RUN_DIR/report.html: one self-contained HTML report of a run.",
@@ -35,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = build_report(args.run_dir, args.out, n_boot=args.n_boot, gallery=args.gallery,
                             seed=args.seed)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ModelFileError) as exc:
         print(f"fl-report: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

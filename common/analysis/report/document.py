@@ -10,6 +10,7 @@ from consilia.common.analysis.report.context import ReportContext
 from consilia.common.analysis.report.html import CSS, esc, note
 from consilia.common.analysis.report.run_files import NOT_AVAILABLE, RunFiles, Unavailable
 from consilia.common.analysis.report.sections import REPORT_SECTIONS, SECTION_BUILDERS
+from consilia.common.model_files import ModelFileError, pickle_refusal, refuse_pickle_file
 from consilia.common.rundir.layout import RunDir
 
 __all__ = ["build_report"]
@@ -52,11 +53,19 @@ def build_report(
     FileNotFoundError
         If ``run_dir`` is not a directory. Missing files inside it never raise: the
         affected sections say "not available for this run".
+    consilia.common.model_files.ModelFileError
+        If a model file of the run is refused: a pickle-based ``.pt`` file (never loaded),
+        an altered ``.safetensors`` file or one with non-finite weights.
 
     """
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        refuse_pickle_file(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: run directory not found")
+    legacy = RunDir(run_dir).legacy_model_files()
+    if legacy:
+        raise pickle_refusal(legacy[0])
     out = Path(out) if out is not None else RunDir(run_dir).report_path
     run = RunFiles(RunDir(run_dir))
     ctx = ReportContext(n_boot=n_boot, gallery=gallery, seed=seed, batch_size=batch_size)
@@ -67,6 +76,8 @@ def build_report(
         try:
             content = SECTION_BUILDERS[section_id](run, ctx)
             status[section_id] = "ok"
+        except ModelFileError:
+            raise  # a refused model file stops the report: nothing of it is shown or run
         except Unavailable as exc:
             content = f'<p class="na">{NOT_AVAILABLE} ({esc(exc)})</p>'
             status[section_id] = "n/a"

@@ -16,8 +16,8 @@ import yaml
 from torch import nn
 
 from consilia.common.data.images import ImageData
+from consilia.common.model_files import load_model_file
 from consilia.common.rundir.layout import RunDir
-from consilia.common.serde import load_checkpoint
 
 __all__ = ["NOT_AVAILABLE", "RunFiles", "Unavailable"]
 
@@ -96,7 +96,7 @@ class RunFiles:
                 names = list(self.json("task.json")["class_names"])
             except (Unavailable, KeyError, TypeError):
                 try:
-                    names = list(self.checkpoint("global_model.pt")[1].task.class_names)
+                    names = list(self.global_model()[1].task.class_names)
                 except (Unavailable, AttributeError):
                     width = next(iter(self.predictions().values()))[1].shape[1]
                     names = [f"class {k}" for k in range(width)]
@@ -113,11 +113,15 @@ class RunFiles:
         return self._cache["predictions"]
 
     def checkpoint(self, rel: str) -> tuple[nn.Module, Any, dict[str, Any]]:
-        """Load a checkpoint of the run (cached)."""
+        """Load a model file of the run (cached): ``(model, run_config, meta)``."""
         key = f"ckpt:{rel}"
         if key not in self._cache:
-            self._cache[key] = load_checkpoint(self.file(rel))
+            self._cache[key] = load_model_file(self.file(rel))
         return self._cache[key]
+
+    def global_model(self) -> tuple[nn.Module, Any, dict[str, Any]]:
+        """Load the run's final global model (cached): ``(model, run_config, meta)``."""
+        return self.checkpoint(self.layout.global_model_path.name)
 
     def test_set(self) -> ImageData:
         """Return the common test split ``test_set.npz``."""

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
-from consilia.client.privacy.ledger import (
+from consilia.client.privacy.ledger import PrivacyLedger
+from consilia.client.privacy.ledger_file import LedgerCorruptError
+from consilia.client.privacy.ledger_records import (
     LEDGER_FORMAT,
     AccountantState,
-    LedgerCorruptError,
-    PrivacyLedger,
     accountant_from_state,
     fingerprint_arrays,
     format_delta,

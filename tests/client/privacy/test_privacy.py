@@ -17,7 +17,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from consilia.client.privacy import controller as privacy_module
+from consilia.client.privacy import planning as planning_module
 from consilia.client.privacy.budget import PrivacyBudgetExceeded, PrivacyConfigError
 from consilia.client.privacy.controller import PrivacyController
 from consilia.client.privacy.dpsgd import (
@@ -26,7 +26,8 @@ from consilia.client.privacy.dpsgd import (
     choose_grad_sample_mode,
     train_private_epochs,
 )
-from consilia.client.privacy.ledger import LedgerCorruptError, PrivacyLedger
+from consilia.client.privacy.ledger import PrivacyLedger
+from consilia.client.privacy.ledger_file import LedgerCorruptError
 from consilia.client.privacy.planning import default_delta
 from consilia.common.config import DPConfig
 from consilia.common.models import MODELS, build_model
@@ -146,7 +147,7 @@ def test_restart_reuses_the_cached_calibration(
     def _no_recalibration(**_: object) -> float:
         raise AssertionError("a restarted site must reuse the run's calibration")
 
-    monkeypatch.setattr(privacy_module, "get_noise_multiplier", _no_recalibration)
+    monkeypatch.setattr(planning_module, "get_noise_multiplier", _no_recalibration)
     again = _controller(path, _dp()).calibrate(N, BATCH, 3, 1, run_id="11")
     assert again == first
     with pytest.raises(PrivacyConfigError, match="cannot change within a run"):
@@ -385,15 +386,22 @@ def test_corrupt_ledger_refuses_training(tmp_path: Path) -> None:
         _controller(path, _dp())
 
 
-def test_gdp_ledger_cannot_compose_a_new_sampling_rate(tmp_path: Path) -> None:
-    path = tmp_path / "l.json"
-    first = _controller(path, _dp(accountant="gdp"), budget=3.0)
-    first.calibrate(N, BATCH, 3, 1, run_id=1)  # Opacus' GDP root finder needs enough steps
-    _accounting_round(first, "1", 1)
-    with pytest.raises(PrivacyConfigError, match="GDP"):
-        _controller(path, _dp(accountant="gdp"), budget=3.0).calibrate(N, 8, 3, 1, run_id=2)
-    with pytest.raises(PrivacyConfigError, match="cannot calibrate"):
-        _controller(tmp_path / "g.json", _dp(accountant="gdp")).calibrate(N, BATCH, 1, 1, run_id=1)
+def test_gdp_and_a_ledger_of_another_accountant_are_refused(tmp_path: Path) -> None:
+    # Issue 14 item 1 changed this expectation: GDP used to train (and could not compose a new
+    # sampling rate); it is an approximation, not an upper bound, so no site accounts with it.
+    with pytest.raises(PrivacyConfigError, match="'gdp' accountant is not allowed: it gives "
+                       "an approximation, not an upper bound"):
+        _controller(tmp_path / "g.json", _dp(accountant="gdp"))
+    old = tmp_path / "old.json"  # a ledger written when GDP was still accepted
+    PrivacyLedger(old).open_entry(KEY, accountant="gdp", delta=1e-5, target_epsilon=3.0)
+    with pytest.raises(PrivacyConfigError, match="accounted with the 'gdp' accountant but this "
+                       "site accounts with 'rdp'.*must review"):
+        _controller(old, _dp()).calibrate(N, BATCH, 3, 1, run_id=1)
+    prv = tmp_path / "prv.json"
+    _controller(prv, _dp(accountant="prv")).calibrate(N, BATCH, 1, 1, run_id=1)
+    with pytest.raises(PrivacyConfigError, match="set policy.dp.accountant: prv"):
+        _controller(prv, _dp()).calibrate(N, BATCH, 1, 1, run_id=2)
+    assert PrivacyLedger(prv).entry(KEY).accountant == "prv"  # nothing was re-accounted
 
 
 def test_grad_sample_mode_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -476,10 +484,10 @@ def test_a_release_that_does_not_fit_is_refused_and_nothing_is_recorded(tmp_path
     with pytest.raises(PrivacyConfigError, match="dp_noise_multiplier"):
         _release_controller(tmp_path / "c.json", sigma=None).bind_round("s", 1, 1) \
             .release_feature_statistics(N)
-    gdp = PrivacyController(_dp(accountant="gdp"), 3.0, None, PrivacyLedger(tmp_path / "d.json"),
-                            KEY, release_noise_multiplier=5.0).bind_round("s", 1, 1)
-    with pytest.raises(PrivacyConfigError, match="GDP"):
-        gdp.release_feature_statistics(N)
+    with pytest.raises(PrivacyConfigError, match="'gdp' accountant is not allowed"):
+        # changed by issue 14 item 1: a GDP controller is refused before any release
+        PrivacyController(_dp(accountant="gdp"), 3.0, None, PrivacyLedger(tmp_path / "d.json"),
+                          KEY, release_noise_multiplier=5.0)
 
 
 def test_a_release_too_costly_for_a_small_run_is_not_planned(tmp_path: Path) -> None:

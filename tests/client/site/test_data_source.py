@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_testkit import write_dicom
+from dicom_testkit import run_under_memory_limit, write_dicom, write_fuzzed_corpus
 from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 
@@ -22,6 +22,7 @@ from consilia.client.site.data_sources.config import (
     ImageFolderSourceConfig,
 )
 from consilia.client.site.data_sources.loading import load_site_data, scan_site_data
+from consilia.client.site.data_sources.report import DATA_REPORT_FILE, DataReport
 
 CLASSES = ["normal", "pneumonia"]
 
@@ -308,3 +309,111 @@ def test_image_folder_source(tmp_path: Path, rng: np.random.Generator) -> None:
     assert any("without an image extension" in n for n in report.notes)
     scan = scan_site_data(cfg, CLASSES)
     assert scan.counts == report.counts and [s.path for s in scan.skipped] == ["normal/broken.png"]
+
+
+SCAN_FUZZED_TREE = """
+import json, sys
+from pathlib import Path
+from consilia.client.site.data_sources.config import DicomSourceConfig
+from consilia.client.site.data_sources.loading import scan_site_data
+source = DicomSourceConfig(root=Path(sys.argv[1]), labels_csv=Path("labels.csv"))
+out = {}
+for decode in (False, True):
+    report = scan_site_data(source, ["normal", "pneumonia"], decode=decode)
+    path = report.write_json(Path(sys.argv[2]) / f"decode-{decode}" / "data-report.json")
+    out[str(decode)] = {"json": str(path), "text": report.to_text()}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_fuzzed_tree_scan_lists_every_file_with_its_reason(
+    tmp_path: Path, dicom_dir: Path
+) -> None:
+    root = tmp_path / "pacs"
+    expected = write_fuzzed_corpus(root / "fuzz", dicom_dir)
+    good = np.arange(400, dtype=np.uint16).reshape(20, 20)
+    write_dicom(root / "good.dcm", good, "MONOCHROME2", 12)
+    rows = [(f"fuzz/{name}", "normal") for name in sorted(expected)] + [("good.dcm", "pneumonia")]
+    write_csv(root / "labels.csv", ["path", "label"], rows)
+    result = run_under_memory_limit(
+        SCAN_FUZZED_TREE, [str(root), str(tmp_path / "state")], 1536 * 2**20
+    )
+    print(f"peak RSS scanning {len(expected) + 1} files twice: {result['peak_rss_mb']:.0f} MB")
+    assert result["peak_rss_mb"] < 1024
+    for decode in ("False", "True"):
+        report = json.loads(Path(result[decode]["json"]).read_text())
+        skipped = {s["path"]: s["reason"] for s in report["skipped"]}
+        assert set(skipped) <= {f"fuzz/{name}" for name in expected}
+        assert report["counts"] == {"normal": len(expected) - len(skipped), "pneumonia": 1}
+        assert all(reason for reason in skipped.values())
+        if len(skipped) > 20:  # the text lists 20 and names the JSON file for the rest
+            assert f"full list in {result[decode]['json']}" in result[decode]["text"]
+    decoded = json.loads(Path(result["True"]["json"]).read_text())
+    assert len(decoded["skipped"]) > 20
+    assert decoded["counts"] == {"normal": 0, "pneumonia": 1}  # no fuzzed file is trained on
+    assert decoded["decoded_now"] == len(expected) + 1 and decoded["cache_hits"] == 0
+    assert f"Pixels decoded: yes ({len(expected) + 1} file(s) decoded)" in result["True"]["text"]
+    reasons = {s["path"]: s["reason"] for s in decoded["skipped"]}
+    for name, word in expected.items():
+        assert word in reasons[f"fuzz/{name}"].lower(), (name, reasons[f"fuzz/{name}"])
+
+
+def test_decode_limit_is_a_site_setting(tmp_path: Path) -> None:
+    root = tmp_path / "pacs"
+    pixels = (np.arange(256 * 256) % 4000).reshape(256, 256).astype(np.uint16)  # 128 KiB
+    write_dicom(root / "a.dcm", pixels, "MONOCHROME2", 12)
+    write_dicom(root / "b.dcm", pixels[:8, :8], "MONOCHROME2", 12)
+    write_csv(root / "labels.csv", ["path", "label"], [("a.dcm", "normal"), ("b.dcm", "normal")])
+    adapter = TypeAdapter(DataSourceConfig)
+    base = {"kind": "dicom", "root": str(root), "labels_csv": "labels.csv"}
+    assert adapter.validate_python(base).max_decoded_megabytes == 512
+    with pytest.raises(ValidationError, match="max_decoded_megabytes"):
+        adapter.validate_python({**base, "max_decoded_megabytes": 0})
+    # a decode limit under a.dcm's size: a.dcm is skipped by the header scan and by a load
+    assert scan_site_data(adapter.validate_python(base), CLASSES).counts["normal"] == 2
+    tight = adapter.validate_python({**base, "max_decoded_megabytes": 0.1})
+    scan = scan_site_data(tight, CLASSES)
+    data, loaded = load_site_data(tight, CLASSES, 1, 8, tmp_path / "cache")
+    for report in (scan, loaded):
+        assert [(s.path, "decode limit" in s.reason) for s in report.skipped] == [("a.dcm", True)]
+    assert len(data) == 1
+    # the limit is part of the cache key: a cached skip is not reused under another limit
+    _, wider = load_site_data(adapter.validate_python(base), CLASSES, 1, 8, tmp_path / "cache")
+    assert not wider.skipped and wider.decoded_now == 2
+
+
+def test_report_text_says_what_was_decoded(tmp_path: Path) -> None:
+    report = DataReport("a source", CLASSES, decoded=True)
+    assert "Pixels decoded: none (no labelled file to decode)" in report.to_text()
+    report.decoded_now = 3
+    assert "Pixels decoded: yes (3 file(s) decoded)" in report.to_text()
+    report.cache_hits = 2
+    assert "yes (3 file(s) decoded now, 2 from the cache)" in report.to_text()
+    report.unlabelled = [f"f{i}.dcm" for i in range(25)]
+    assert f"... and 5 more (not listed here; fl-client --check writes every one to " \
+        f"{DATA_REPORT_FILE}" in report.to_text()
+    path = report.write_json(tmp_path / "state" / DATA_REPORT_FILE)
+    assert json.loads(path.read_text())["unlabelled"] == report.unlabelled
+    assert f"... and 5 more (full list in {path})" in report.to_text()
+
+
+def test_check_decode_counts_decodes_and_writes_the_json_report(
+    by_path: DicomSourceConfig, tmp_path: Path
+) -> None:
+    from site_testkit import write_site
+
+    from consilia.client.site.check import run_site_check
+
+    data = {"kind": "dicom", "root": str(by_path.root), "labels_csv": "labels.csv"}
+    site = write_site(tmp_path / "site", data=data, class_names=CLASSES)
+    report = run_site_check(site, decode=True)
+    state = tmp_path / "site" / "state"
+    full = json.loads((state / DATA_REPORT_FILE).read_text())
+    assert "Pixels decoded: yes (5 file(s) decoded)" in report.data_text  # 4 good + 1 broken
+    assert "0 from cache" not in report.data_text
+    (line,) = [r for r in report.results if r.name == "data"]
+    assert line.detail.endswith(f"full report: {state / DATA_REPORT_FILE}")
+    reasons = {s["path"]: s["reason"] for s in full["skipped"]}
+    assert "truncated" in reasons["ward2/broken.dcm"] and all(reasons.values())
+    assert full["decoded_now"] == 5 and full["unlabelled"] == ["ward2/unlabelled.dcm"]

@@ -297,3 +297,79 @@ def test_deploy_example_site_config_validates():
         pytest.skip("deploy/site.example.yaml not written yet")
     cfg = load_site_config(example)
     assert cfg.name and cfg.coordinator.address
+
+
+# -- the site decides the accounting (issue 14 item 1) ---------------------------------------
+
+
+def test_gdp_in_a_site_policy_is_refused_at_load_with_the_reason(site_yaml):
+    _edit(site_yaml, policy={"dp": {"required": True, "accountant": "gdp"}})
+    with pytest.raises(ConfigError) as err:
+        load_site_config(site_yaml)
+    assert str(site_yaml) in str(err.value)
+    (line,) = [x for x in str(err.value).splitlines() if "policy.dp.accountant" in x]
+    assert "'gdp' accountant is not allowed: it gives an approximation, not an upper bound" in line
+    assert "use one of rdp, prv" in line
+
+
+def test_a_run_asking_for_another_accountant_is_served_with_the_sites():
+    policy = SitePolicy(dp={"accountant": "prv"})
+    dp = site_dp_request(policy.dp, _instr(enabled=True, target_epsilon=2.0, accountant="gdp"))
+    assert dp is not None and (dp.accountant, dp.target_epsilon) == ("prv", 2.0)
+    default = site_dp_request(SitePolicy().dp, _instr(enabled=True, accountant="prv"))
+    assert default is not None and default.accountant == "rdp"
+
+
+def test_deployed_site_trains_a_gdp_run_under_its_rdp_policy_within_budget(site_yaml):
+    import dataclasses
+
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from consilia.client.privacy.ledger import PrivacyLedger
+    from consilia.client.trainer import build_task_model
+
+    _edit(site_yaml, policy={"dp": {"required": True, "accountant": "rdp", "budget_epsilon": 3,
+                                    "delta": 1e-3}})
+    instr = _instr(rounds=2, batch=5, enabled=True, mode="local", target_epsilon=3.0,
+                   accountant="gdp", grad_sample_mode="hooks")
+    site = load_deployed_site(site_yaml, instr, run_id=21)
+    assert site.trainer.trains_with_dp(instr).dp.accountant == "rdp"
+    state = build_task_model("cnn", {}, instr.task).state_dict()
+    for rnd in (1, 2):
+        state, metrics = site.trainer.fit(state, dataclasses.replace(instr, server_round=rnd))
+        assert metrics["dp-enabled"] == 1.0 and metrics["dp-accountant-rdp"] == 1.0
+        assert "dp-accountant-gdp" not in metrics
+        assert metrics["epsilon"] <= 3.0 + 1e-9
+
+    entry = PrivacyLedger(site_yaml.parent / "state" / "privacy-ledger.json").entry("hospital-a")
+    cal = entry.calibrations["21"]
+    assert entry.accountant == cal.accountant == "rdp" and entry.rounds_taken == 2
+    # the noise is the one the site's accountant needs for the whole run (not GDP's)
+    assert cal.noise_multiplier == pytest.approx(get_noise_multiplier(
+        target_epsilon=3.0, target_delta=1e-3, sample_rate=cal.sample_rate,
+        steps=2 * cal.steps_per_round, accountant="rdp"))
+    reference = RDPAccountant()  # recompute the spend from the recorded rounds
+    for record in entry.rounds:
+        for _ in range(record.steps):
+            reference.step(noise_multiplier=record.noise_multiplier,
+                           sample_rate=record.sample_rate)
+    recomputed = reference.get_epsilon(delta=entry.delta)
+    assert recomputed == pytest.approx(entry.epsilon_spent, abs=1e-9)
+    assert recomputed <= 3.0 + 1e-9
+
+
+def test_a_ledger_kept_under_another_accountant_is_refused_with_the_fix(site_yaml):
+    from consilia.client.privacy.budget import PrivacyConfigError
+    from consilia.client.privacy.ledger import PrivacyLedger
+    from consilia.client.trainer import build_task_model
+
+    PrivacyLedger(site_yaml.parent / "state" / "privacy-ledger.json").open_entry(
+        "hospital-a", accountant="prv", delta=1e-3, target_epsilon=3.0)
+    _edit(site_yaml, policy={"dp": {"required": True, "budget_epsilon": 3, "delta": 1e-3}})
+    instr = _instr(rounds=1, batch=5)
+    site = load_deployed_site(site_yaml, instr, run_id=22)
+    state = build_task_model("cnn", {}, instr.task).state_dict()
+    with pytest.raises(PrivacyConfigError, match="accounted with the 'prv' accountant but this "
+                       "site accounts with 'rdp'; set policy.dp.accountant: prv"):
+        site.trainer.fit(state, instr)

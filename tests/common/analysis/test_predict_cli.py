@@ -14,7 +14,8 @@ from PIL import Image
 from consilia.common.analysis.predict import collect_inputs, load_image, main, predict_files
 from consilia.common.config import ModelConfig, PreprocessConfig, RunConfig, TaskSpec, TrainConfig
 from consilia.common.data.transforms import build_eval_transform
-from consilia.common.serde import load_checkpoint, model_from_run_config, save_checkpoint
+from consilia.common.model_files import load_model_file, save_model_file
+from consilia.common.serde import model_from_run_config
 
 CLASSES = ["normal", "abnormal", "other"]
 
@@ -26,8 +27,8 @@ def _checkpoint(tmp_path: Path, in_channels: int = 1, normalize: str = "none") -
         task=TaskSpec(class_names=CLASSES, in_channels=in_channels, image_size=16),
         train=TrainConfig(preprocess=PreprocessConfig(normalize=normalize)),
     )
-    path = tmp_path / f"model-{in_channels}-{normalize}.pt"
-    return save_checkpoint(path, model_from_run_config(run), run, 3)
+    path = tmp_path / f"model-{in_channels}-{normalize}.safetensors"
+    return save_model_file(path, model_from_run_config(run), run, 3)
 
 
 def _png_folder(root: Path) -> list[Path]:
@@ -95,7 +96,7 @@ def test_format_csv_only_and_missing_inputs(tmp_path, capsys):
 
 
 def test_exit_codes_for_bad_checkpoint_and_nothing_classified(tmp_path, capsys):
-    assert main(["--model", str(tmp_path / "missing.pt"), str(tmp_path)]) == 2
+    assert main(["--model", str(tmp_path / "missing.safetensors"), str(tmp_path)]) == 2
     assert "cannot load --model" in capsys.readouterr().err
     bad = tmp_path / "bad.txt"
     bad.write_text("hello")
@@ -118,7 +119,7 @@ def test_channels_are_converted_to_the_task(tmp_path):
 
 def test_eval_transform_of_the_checkpoint_is_applied(tmp_path):
     ckpt = _checkpoint(tmp_path, normalize="zscore")
-    model, run, _ = load_checkpoint(ckpt)
+    model, run, _ = load_model_file(ckpt)
     path = tmp_path / "x.png"
     pixels = np.random.default_rng(3).integers(0, 255, (24, 30), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
@@ -135,7 +136,7 @@ def test_eval_transform_of_the_checkpoint_is_applied(tmp_path):
 
 def test_progress_bar_for_many_files(tmp_path, capsys):
     ckpt = _checkpoint(tmp_path)
-    model, run, _ = load_checkpoint(ckpt)
+    model, run, _ = load_model_file(ckpt)
     folder = tmp_path / "many"
     folder.mkdir()
     for i in range(25):

@@ -265,11 +265,10 @@ def test_window_saturating_everything_falls_back(tmp_path: Path) -> None:
     assert result.pixels.max() == 1.0 and result.pixels.min() == 0.0
 
 
-def test_constant_image_gives_zeros(tmp_path: Path) -> None:
+def test_constant_image_is_skipped(tmp_path: Path) -> None:
     raw = np.full((8, 8), 700, np.uint16)
-    result = read_dicom(write_dicom(tmp_path / "c.dcm", raw, "MONOCHROME2", 12))
-    assert result.meta["window"] == "constant image"
-    assert not result.pixels.any()
+    with pytest.raises(DicomSkip, match="constant image"):
+        read_dicom(write_dicom(tmp_path / "c.dcm", raw, "MONOCHROME2", 12))
 
 
 def test_rgb_eight_bit_roundtrip(tmp_path: Path, rng) -> None:

@@ -23,8 +23,8 @@ def test_paths_follow_the_documented_layout(tmp_path):
     assert layout.test_set_path == tmp_path / "test_set.npz"
     assert layout.rounds_jsonl_path == tmp_path / "metrics" / "rounds.jsonl"
     assert layout.prediction_path("federated") == tmp_path / "predictions" / "federated.npz"
-    assert layout.model_path("local-site-00") == tmp_path / "models" / "local-site-00.pt"
-    assert layout.centralized_model_path == tmp_path / "models" / "centralized.pt"
+    assert layout.model_path("local-site-00") == tmp_path / "models" / "local-site-00.safetensors"
+    assert layout.centralized_model_path == tmp_path / "models" / "centralized.safetensors"
 
 
 def test_readers_return_typed_content(run):
@@ -64,5 +64,5 @@ def test_missing_files_are_clear_errors(tmp_path):
         layout.read_sites()
     with pytest.raises(FileNotFoundError, match="test split"):
         layout.read_test_set()
-    with pytest.raises(FileNotFoundError, match="global_model.pt"):
+    with pytest.raises(FileNotFoundError, match="global_model.safetensors"):
         layout.load_global_model()

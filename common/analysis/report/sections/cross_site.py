@@ -27,7 +27,7 @@ __all__ = ["section_cross_site", "section_fairness"]
 def _cross_site(run: RunFiles, ctx: ReportContext) -> pd.DataFrame:
     if ctx.cross_site is None:
         sites = run.site_validation()
-        global_model, global_run, _ = run.checkpoint("global_model.pt")
+        global_model, global_run, _ = run.global_model()
         models: dict[str, nn.Module] = {GLOBAL_MODEL: global_model}
         for path in run.layout.local_model_files():
             models[path.stem] = run.checkpoint(f"models/{path.name}")[0]

@@ -18,7 +18,7 @@ def section_gradcam(run: RunFiles, ctx: ReportContext) -> str:
     """Show Grad-CAM maps of correct and most confident incorrect test cases."""
     test_set = run.test_set()
     images, labels = test_set.images, test_set.labels
-    model, model_run, _ = run.checkpoint("global_model.pt")
+    model, model_run, _ = run.global_model()
     names = run.class_names()
     transform = eval_transform_for(model_run)
     prob = predict_proba(model, images, batch_size=ctx.batch_size, transform=transform)
