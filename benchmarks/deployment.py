@@ -170,7 +170,8 @@ def _deploy(fed: LocalFederation, run_yaml: Path, folders: list[Path], name: str
     if not mode["fast"]:  # submit an app whose ServerApp uses Flower's plain 3 s reply polling
         from consilia.server.control.run_launcher import load_run_config, prepare_run_dir
 
-        app_dir = prepare_run_dir(load_run_config(run_yaml), run_dir, ["bench"])
+        app_dir = prepare_run_dir(load_run_config(run_yaml), run_dir, ["bench"],
+                                  state_dir=fed.state_dir)
         pyproject = app_dir / "pyproject.toml"
         data = tomllib.loads(pyproject.read_text())
         components = data["tool"]["flwr"]["app"]["components"]

@@ -22,6 +22,9 @@ class RunConfigKey(StrEnum):
 
     CONFIG_JSON = "consilia-config-json"
     RUN_DIR = "consilia-run-dir"
+    #: deployment: a token the coordinator resolves to the run directory (sites never see
+    #: the coordinator's path; see consilia.server.control.run_dirs)
+    RUN_DIR_TOKEN = "consilia-run-dir-token"
     SIM_SITES_DIR = "consilia-sim-sites-dir"
     #: simulations: torch threads of each simulated site
     SIM_THREADS = "consilia-sim-threads"

@@ -18,6 +18,7 @@ from consilia.common.rundir.layout import RunDir
 from consilia.common.serde import arrays_from_model
 from consilia.common.training.engine import seed_everything
 from consilia.server.ccvr_round import calibrate_classifier, central_dp_outcome
+from consilia.server.control.run_dirs import run_dir_from_run_config
 from consilia.server.recorder import RunRecorder
 from consilia.server.strategy import build_strategy
 
@@ -88,7 +89,7 @@ def load_run(context: Context) -> tuple[RunConfig, Path]:
             "fl-server run or fl-sim"
         )
     run = RunConfig.model_validate_json(str(raw))
-    run_dir = Path(str(context.run_config.get(RunConfigKey.RUN_DIR.value) or "runs/latest"))
+    run_dir = run_dir_from_run_config(context.run_config)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run, run_dir
 

@@ -217,6 +217,30 @@ class UpdateValidator:
             self._global_numpy = {k: v.numpy() for k, v in self._global.items()}
         return self._global, self._global_numpy
 
+    def restore_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Cast an aggregate back to the global model's dtypes (integers rounded).
+
+        Flower's weighted averages come back as floating point even for integer arrays (e.g.
+        a step counter); the next round's layout check would then refuse every honest reply.
+        Arrays whose dtype already matches are returned as they are.
+        """
+        reference = self._reference()
+        if reference is None:
+            return arrays
+        _, expected = reference
+        restored: dict[str, Array] = {}
+        changed = False
+        for key, array in arrays.items():
+            like = expected.get(key)
+            value = array.numpy()
+            if like is not None and value.dtype != like.dtype:
+                if np.issubdtype(like.dtype, np.integer):
+                    value = np.rint(value)
+                value = value.astype(like.dtype)
+                changed = True
+            restored[key] = Array(value)
+        return ArrayRecord(restored) if changed else arrays
+
     # -- exclusion ---------------------------------------------------------------------
     @property
     def excluded_nodes(self) -> dict[int, str]:

@@ -37,7 +37,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, help="shortcut for --set data.dataset=NAME")
     p.add_argument("--sites", type=int, default=None, help="shortcut for partition.num_sites")
     p.add_argument("--rounds", type=int, default=None, help="shortcut for strategy.rounds")
-    p.add_argument("--strategy", default=None, help="shortcut: fedavg | fedprox | fedadam")
+    p.add_argument("--strategy", default=None,
+                   help="shortcut for strategy.name: fedavg, fedprox, fedadam, fedyogi, "
+                   "fedadagrad, fedavgm, trimmed-mean, median, krum, multi-krum, bulyan")
     p.add_argument("--model", default=None, help="shortcut for model.name")
     p.add_argument("--seed", type=int, default=None, help="shortcut for seed")
     p.add_argument("--ray-address", default=None,

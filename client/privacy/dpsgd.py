@@ -1,6 +1,6 @@
 """DP-SGD with Opacus: the grad-sample mode, the private objects of a round and their loop.
 
-Grad-sample mode (:func:`choose_grad_sample_mode`).
+Grad-sample mode (:func:`choose_grad_sample_mode`, :func:`resolve_grad_sample_mode`).
     ``dp.grad_sample_mode="auto"`` picks, per registered model, the fastest mode that worked
     and gave the same update as ``hooks`` in our CPU measurement (1 thread, noise 0,
     ``docs/benchmarks.md``): each model's spec carries it
@@ -13,7 +13,7 @@ Grad-sample mode (:func:`choose_grad_sample_mode`).
     carries the criterion to use, so the trainer needs no special case. Ghost needs a
     criterion with a ``reduction`` attribute honouring ``"none"``; otherwise ``auto`` falls
     back to ``"hooks"``.
-Step cost (:func:`enable_fast_dp_step`, called by :func:`wrap_private`).
+Step cost (:func:`enable_fast_dp_step`, called by ``opacus_wrapping.wrap_private``).
     Same per-sample gradients, clipping, noise and accounting as stock Opacus, computed with
     less work: faster ``Conv2d``/``GroupNorm`` grad samplers registered through
     ``opacus.grad_sample.register_grad_sampler`` (:mod:`consilia.client.privacy.grad_samplers`);
@@ -47,14 +47,11 @@ Memory.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from opacus import PrivacyEngine
-from opacus.data_loader import switch_generator
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader
@@ -67,19 +64,20 @@ from consilia.common.training.allocator import retain_freed_memory
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
+    "NO_EMPTY_BATCH_MODES",
     "PrivateTraining",
     "apply_proximal_gradient",
     "choose_grad_sample_mode",
     "enable_fast_dp_step",
+    "resolve_grad_sample_mode",
     "train_private_epochs",
-    "wrap_private",
 ]
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
 #: Modes that crash on an empty Poisson batch; they get one random (data-independent) filler
 #: sample instead (Opacus ``rand_on_empty``), so the noise-only step still happens.
-_NO_EMPTY_BATCH_MODES = ("ew", "functorch")
+NO_EMPTY_BATCH_MODES = ("ew", "functorch")
 
 
 def choose_grad_sample_mode(model_name: str | None) -> str:
@@ -102,12 +100,33 @@ def choose_grad_sample_mode(model_name: str | None) -> str:
     return MODELS.get(model_name).dp_grad_sample_mode
 
 
+def resolve_grad_sample_mode(requested: str, model_name: str | None, criterion: Any) -> str:
+    """Return the mode to use: ``requested``, or for ``"auto"`` the model's measured one.
+
+    Ghost mode needs a loss with a ``reduction`` attribute; ``auto`` then falls back to
+    ``"hooks"``, an explicit ``"ghost"`` is refused (:class:`PrivacyConfigError`).
+    """
+    mode = requested
+    explicit = mode != "auto"
+    if not explicit:
+        mode = choose_grad_sample_mode(model_name)
+    if mode == "ghost" and criterion is not None and not hasattr(criterion, "reduction"):
+        if explicit:
+            raise PrivacyConfigError(
+                "grad_sample_mode='ghost' needs a loss with a 'reduction' attribute that "
+                f"honours 'none' (got {type(criterion).__name__}); use 'hooks'"
+            )
+        mode = "hooks"
+    return mode
+
+
 def enable_fast_dp_step(module: nn.Module, grad_sample_mode: str) -> list[Any]:
     """Install the DP-SGD speed-ups for one Opacus-wrapped model; return handles to remove.
 
     Nothing here changes the per-sample gradients, the clipping, the noise or the
-    accounting (``tests/client/privacy/test_grad_samplers.py``); :func:`wrap_private`
-    calls it, :meth:`PrivateTraining.close` removes the handles.
+    accounting (``tests/client/privacy/test_grad_samplers.py``);
+    :func:`~consilia.client.privacy.opacus_wrapping.wrap_private` calls it,
+    :meth:`PrivateTraining.close` removes the handles.
 
     Parameters
     ----------
@@ -283,90 +302,3 @@ def train_private_epochs(private: PrivateTraining, epochs: int) -> float:
     optimizer.zero_grad(set_to_none=True)
     return total / max(seen, 1)
 
-
-def wrap_private(
-    engine: PrivacyEngine,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
-    criterion: Any,
-    *,
-    grad_sample_mode: str,
-    noise_multiplier: float,
-    sample_rate: float,
-    max_grad_norm: float,
-    max_physical_batch_size: int,
-    sampling_generator: torch.Generator,
-    noise_generator: torch.Generator,
-) -> PrivateTraining:
-    """Wrap one round's training objects with ``engine`` (Poisson sampling, secret generators).
-
-    Parameters
-    ----------
-    engine : PrivacyEngine
-        The round's engine, its accountant already holding the dataset's history.
-    model, optimizer, loader
-        Plain torch objects.
-    criterion : callable or None
-        The loss; ghost mode wraps it (default ``nn.CrossEntropyLoss()``).
-    grad_sample_mode : str
-        One of :data:`GRAD_SAMPLE_MODES`.
-    noise_multiplier, sample_rate : float
-        As calibrated for the run.
-    max_grad_norm : float
-        Per-sample clipping bound.
-    max_physical_batch_size : int
-        Memory bound of :meth:`PrivateTraining.memory_bounded`.
-    sampling_generator, noise_generator : torch.Generator
-        Generators for the Poisson sampler and the noise (never the run's torch seed).
-
-    Returns
-    -------
-    PrivateTraining
-        The private objects, with the fast DP step enabled.
-
-    Raises
-    ------
-    PrivacyConfigError
-        If Opacus samples at another rate than the calibration's.
-
-    """
-    mode = grad_sample_mode
-    loader = switch_generator(data_loader=loader, generator=sampling_generator)
-    kwargs: dict[str, Any] = {"noise_generator": noise_generator}
-    if mode == "ghost":
-        kwargs["criterion"] = criterion if criterion is not None else nn.CrossEntropyLoss()
-    out = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        poisson_sampling=True,
-        grad_sample_mode=mode,
-        rand_on_empty=mode in _NO_EMPTY_BATCH_MODES,
-        **kwargs,
-    )
-    if mode == "ghost":
-        private_model, private_opt, private_criterion, private_loader = out
-    else:
-        (private_model, private_opt, private_loader), private_criterion = out, criterion
-    training = PrivateTraining(
-        model=private_model,
-        optimizer=private_opt,
-        loader=private_loader,
-        criterion=private_criterion,
-        grad_sample_mode=mode,
-        noise_multiplier=noise_multiplier,
-        sample_rate=sample_rate,
-        max_physical_batch_size=max_physical_batch_size,
-    )
-    training.hook_handles.extend(enable_fast_dp_step(private_model, mode))
-    actual_q = 1.0 / len(private_loader)
-    if not math.isclose(actual_q, sample_rate, rel_tol=1e-12):
-        training.close()
-        raise PrivacyConfigError(
-            f"Opacus samples at q={actual_q:.6g} but the run was calibrated for "
-            f"q={sample_rate:.6g}"
-        )
-    return training

@@ -34,6 +34,7 @@ __all__ = [
     "CheckReport",
     "CheckResult",
     "TLSProbeError",
+    "certificate_failure_hint",
     "check_auth_key",
     "check_ca_certificate",
     "probe_tls",
@@ -171,20 +172,58 @@ def probe_tls(host: str, port: int, ca_file: Path, timeout_s: float = 10.0) -> s
                             "address and that the hospital firewall allows outbound "
                             f"connections to port {port}") from None
     except ssl.SSLCertVerificationError as exc:
-        hint = (
-            f"the coordinator's certificate does not name '{host}'; connect with a name or IP "
-            "in its subjectAltName, or ask the coordinator to add it"
-            if "match" in str(exc.verify_message or exc)
-            else f"the coordinator's certificate is not signed by the CA in {ca_file}"
-        )
         raise TLSProbeError(
-            f"TLS certificate check failed ({exc.verify_message}): {hint}"
+            f"TLS certificate check failed ({exc.verify_message}): "
+            + certificate_failure_hint(exc.verify_code, host, ca_file)
         ) from None
     except (ssl.SSLError, OSError) as exc:
         raise TLSProbeError(f"TLS connection to {host}:{port} failed: {exc}") from None
     subject = ", ".join("=".join(kv) for rdn in cert.get("subject", ()) for kv in rdn)
     expires = cert.get("notAfter", "?")
     return f"{host}:{port} ({version}, certificate {subject or '?'}, expires {expires})"
+
+
+#: OpenSSL's X509_V_ERR_* codes (``ssl.SSLCertVerificationError.verify_code``)
+_NOT_YET_VALID, _EXPIRED = 9, 10
+_HOSTNAME_MISMATCH, _IP_MISMATCH = 62, 64
+_WRONG_CA = frozenset({
+    2,   # unable to get issuer certificate
+    7,   # certificate signature failure
+    18,  # self-signed certificate
+    19,  # self-signed certificate in certificate chain
+    20,  # unable to get local issuer certificate
+    21,  # unable to verify the first certificate
+})
+
+
+def certificate_failure_hint(verify_code: int, host: str, ca_file: Path) -> str:
+    """Say what to do about a failed coordinator-certificate check, from OpenSSL's code.
+
+    Parameters
+    ----------
+    verify_code : int
+        ``ssl.SSLCertVerificationError.verify_code`` (OpenSSL ``X509_V_ERR_*``).
+    host : str
+        The coordinator name or address the site connected to.
+    ca_file : Path
+        The CA certificate the site verified with.
+
+    """
+    if verify_code == _EXPIRED:
+        return ("a certificate in the coordinator's chain has expired (the coordinator's, "
+                f"or the CA in {ca_file}); ask the coordinator to renew it "
+                "(deploy/gen-certs.sh) and restart fl-server")
+    if verify_code == _NOT_YET_VALID:
+        return ("the coordinator's certificate is not valid yet: check this machine's clock "
+                "(and the coordinator's), e.g. timedatectl / NTP")
+    if verify_code in (_HOSTNAME_MISMATCH, _IP_MISMATCH):
+        return (f"the coordinator's certificate does not name '{host}'; connect with a name "
+                "or IP in its subjectAltName, or ask the coordinator to add it")
+    if verify_code in _WRONG_CA:
+        return (f"the coordinator's certificate is not signed by the CA in {ca_file}; ask "
+                "the coordinator for the ca.crt that signed its certificate")
+    return (f"the coordinator's certificate was rejected (OpenSSL code {verify_code}); "
+            f"check it against the CA in {ca_file} with 'openssl s_client -CAfile'")
 
 
 def _check_state_dir(config: SiteConfig) -> tuple[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -41,11 +40,14 @@ from consilia.server.control.run_launcher import (
     prepare_run_dir,
 )
 from consilia.server.control.site_registry import SiteRegistry, SiteRegistryError, read_public_key
+from consilia.server.control.state_dir import STATE_ENV, default_state_dir, secure_state_dir
 from consilia.server.control.superlink import (
     INSECURE_WARNING,
     CoordinatorCerts,
     SuperLinkError,
     SuperLinkSettings,
+    check_port_free,
+    log_size,
     start_superlink,
     stop_process,
     wait_until_ready,
@@ -53,16 +55,9 @@ from consilia.server.control.superlink import (
 
 __all__ = ["default_state_dir", "main"]
 
-STATE_ENV = "CONSILIA_COORDINATOR_HOME"
 PROXY_TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / (
     "consilia-coordinator.conf.template"
 )
-
-
-def default_state_dir() -> Path:
-    """``$CONSILIA_COORDINATOR_HOME``, else ``~/.consilia/coordinator``."""
-    env = os.environ.get(STATE_ENV)
-    return Path(env) if env else Path.home() / ".consilia" / "coordinator"
 
 
 def _flwr_home(state_dir: Path) -> Path:
@@ -91,6 +86,12 @@ def _cmd_start(args: argparse.Namespace) -> int:
     settings = SuperLinkSettings(state_dir=Path(args.state_dir).resolve(), certs=certs,
                                  host=args.host, port=args.port, insecure=args.insecure,
                                  memory_state=not args.sqlite_state)
+    check_port_free(args.host, args.port)
+    loosened = secure_state_dir(settings.state_dir)
+    if loosened:
+        print(f"notice: {len(loosened)} path(s) in {settings.state_dir} were readable by other "
+              f"users; now owner-only: {', '.join(str(p) for p in loosened[:5])}"
+              + (" ..." if len(loosened) > 5 else ""), file=sys.stderr, flush=True)
     write_connection(_flwr_home(settings.state_dir),
                      Connection(settings.local_address, certs.ca if certs else None))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -99,6 +100,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
               "off the internet and let sites in through the reverse proxy "
               "(fl-server proxy-config), or firewall it to the proxy's address.",
               file=sys.stderr, flush=True)
+    log_offset = log_size(settings.log_file)
     proc = start_superlink(settings, foreground=args.foreground)
 
     def _terminate(signum: int, _frame: object) -> None:
@@ -107,7 +109,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         wait_until_ready(settings.local_address, certs.ca if certs else None, args.ready_timeout,
-                         proc, None if args.foreground else settings.log_file)
+                         proc, None if args.foreground else settings.log_file, log_offset)
         mode = "INSECURE (no TLS, no site authentication)" if args.insecure else (
             "TLS + site-key authentication")
         if settings.memory_state:
@@ -210,7 +212,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     operator = _operator(args)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = (args.out or Path("runs") / f"{run.name}-{stamp}").resolve()
-    app_dir = prepare_run_dir(run, run_dir, sys.argv, test_set=args.test_set)
+    app_dir = prepare_run_dir(run, run_dir, sys.argv, state_dir=Path(args.state_dir),
+                              test_set=args.test_set)
     run_id = operator.start_run(app_dir)
     (run_dir / "deployment.json").write_text(json.dumps({"run_id": run_id}, indent=2))
     print(f"run {run_id} submitted: {run.strategy.name}, {run.strategy.rounds} rounds, "

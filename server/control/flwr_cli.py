@@ -18,6 +18,7 @@ from typing import Any
 
 import tomli_w
 
+from consilia.server.control.state_dir import ensure_private_dir, write_private_text
 from consilia.server.control.superlink import executable
 
 __all__ = ["CONNECTION_NAME", "Connection", "FlowerOperator", "OperatorError", "write_connection"]
@@ -56,8 +57,7 @@ def write_connection(flwr_home: Path, connection: Connection, name: str = CONNEC
 
     Other entries of an existing file are kept; ``name`` becomes the default connection.
     """
-    flwr_home = Path(flwr_home)
-    flwr_home.mkdir(parents=True, exist_ok=True)
+    flwr_home = ensure_private_dir(Path(flwr_home))
     path = flwr_home / "config.toml"
     data: dict[str, Any] = tomllib.loads(path.read_text()) if path.is_file() else {}
     superlink = data.setdefault("superlink", {})
@@ -68,7 +68,7 @@ def write_connection(flwr_home: Path, connection: Connection, name: str = CONNEC
     else:
         entry["root-certificates"] = str(Path(connection.root_certificates).resolve())
     superlink[name] = entry
-    path.write_text(tomli_w.dumps(data))
+    write_private_text(path, tomli_w.dumps(data))
     return path
 
 

@@ -4,7 +4,8 @@
 (a deployed run needs ``task``), writes the run directory's metadata and the Flower app
 (``write_flower_app``), submits it with ``flwr run`` and prints one line per round as the
 ServerApp appends ``metrics/rounds.jsonl``. The ServerApp runs on the coordinator machine
-(spawned by the SuperLink), so the run directory is a coordinator-local path.
+(spawned by the SuperLink), so the run directory is a coordinator-local path; the sites
+never see it (the run config carries a token, :mod:`consilia.server.control.run_dirs`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from consilia.common.library_versions import library_versions
 from consilia.common.rundir.layout import RunDir
 from consilia.common.rundir.round_records import is_late_record
 from consilia.server.control.flwr_cli import FlowerOperator
+from consilia.server.control.run_dirs import RUN_DIR_TOKEN_KEY, register_run_dir
 from consilia.server.progress import format_final, format_round, readable_reason
 
 __all__ = [
@@ -121,6 +123,7 @@ def prepare_run_dir(
     run: RunConfig,
     run_dir: Path,
     command: Sequence[str],
+    state_dir: Path,
     test_set: Path | None = None,
     extra_run_config: dict[str, str | int | float | bool] | None = None,
 ) -> Path:
@@ -134,6 +137,10 @@ def prepare_run_dir(
         Coordinator-local output directory (``docs/run-directory.md``); must not hold a run.
     command : sequence of str
         The command line, recorded in ``environment.json``.
+    state_dir : Path
+        The coordinator's state directory, where the run directory is registered under a
+        token: the run config and the app bundle reach the sites too, so they carry only
+        the token (:mod:`consilia.server.control.run_dirs`).
     test_set : Path, optional
         A coordinator-held test split, copied to ``test_set.npz`` for server-side evaluation.
     extra_run_config : dict, optional
@@ -168,7 +175,7 @@ def prepare_run_dir(
         shutil.copyfile(test_set, layout.test_set_path)
     config: dict[str, str | int | float | bool] = {
         RunConfigKey.CONFIG_JSON.value: run.model_dump_json(),
-        RunConfigKey.RUN_DIR.value: str(run_dir),
+        RUN_DIR_TOKEN_KEY: register_run_dir(state_dir, run_dir),
         **(extra_run_config or {}),
     }
     app_dir = run_dir / "flower-app"

@@ -3,7 +3,8 @@
 The SuperLink stores the keys it lets join; Flower's node list shows node ids only, so the
 coordinator keeps the human names here (``<state>/sites.json``), with each site's public key
 so that a SuperLink whose state lives in memory gets every site back when it restarts
-(:func:`consilia.server.control.cli` ``start``).
+(:func:`consilia.server.control.cli` ``start``). The file is written ``0600`` in the ``0700``
+state directory: public keys only, but who may join is the coordinator's business.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import re
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+
+from consilia.server.control.state_dir import ensure_private_dir, write_private_text
 
 __all__ = ["SiteEntry", "SiteRegistry", "SiteRegistryError", "read_public_key"]
 
@@ -83,10 +86,9 @@ class SiteRegistry:
         return [SiteEntry(**item) for item in data.get("sites", [])]
 
     def _save(self, entries: list[SiteEntry]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"sites": [asdict(e) for e in entries]}, indent=2))
-        tmp.replace(self.path)
+        ensure_private_dir(self.path.parent)
+        write_private_text(self.path, json.dumps({"sites": [asdict(e) for e in entries]},
+                                                 indent=2))
 
     def check_new(self, name: str, fingerprint: str) -> None:
         """Raise unless ``name`` is valid and neither it nor the key is registered yet."""

@@ -4,14 +4,18 @@
 (``deploy/gen-certs.sh`` layout: ``ca.crt``, ``coordinator.crt``, ``coordinator.key``),
 ``--enable-supernode-auth`` (only registered site keys may join) and
 ``--disable-runtime-dependency-installation`` (no ``uv sync`` per run), with its state database
-in the coordinator's state directory. Insecure mode exists only behind an explicit flag and
+in the coordinator's state directory (``0700``; its files ``0600``). ``fl-server start`` refuses
+a port another process holds, and calls the SuperLink ready only once the process it started
+answers (not whatever else listens there). Insecure mode exists only behind an explicit flag and
 always prints :data:`INSECURE_WARNING`.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -22,13 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from consilia.common.child_env import child_env
+from consilia.server.control.state_dir import STATE_ENV, ensure_private_dir, open_private_append
 
 __all__ = [
     "INSECURE_WARNING",
     "CoordinatorCerts",
     "SuperLinkError",
     "SuperLinkSettings",
+    "check_port_free",
     "executable",
+    "log_size",
     "start_superlink",
     "stop_process",
     "superlink_command",
@@ -179,8 +186,35 @@ def superlink_command(settings: SuperLinkSettings) -> list[str]:
     return cmd
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise unless ``host:port`` can be bound (nothing else listens there).
+
+    Raises
+    ------
+    SuperLinkError
+        Naming the port, when another process (e.g. another coordinator) holds it.
+
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT leftovers
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise SuperLinkError(_port_taken(host, port, exc.strerror or str(exc))) from None
+
+
+def _port_taken(host: str, port: int, why: str) -> str:
+    return (f"port {port} on {host} is not available ({why}): another process (another "
+            f"coordinator?) holds it; stop it or choose another --port")
+
+
 def start_superlink(settings: SuperLinkSettings, foreground: bool = False) -> subprocess.Popen:
     """Start the SuperLink; its output goes to ``settings.log_file`` (or this terminal).
+
+    The state directory is created owner-only and the log file ``0600``. The SuperLink's
+    environment names the state directory (``$CONSILIA_COORDINATOR_HOME``) so that the
+    ServerApp it spawns finds the run directories registered there.
 
     Parameters
     ----------
@@ -196,11 +230,13 @@ def start_superlink(settings: SuperLinkSettings, foreground: bool = False) -> su
         ServerApp executor it spawns watches its parent and ends with it).
 
     """
-    Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(Path(settings.state_dir))
     if settings.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
-    env = child_env(FLWR_TELEMETRY_ENABLED="0", **settings.extra_env)
-    out = None if foreground else settings.log_file.open("ab")
+    env = child_env(**{"FLWR_TELEMETRY_ENABLED": "0",
+                       STATE_ENV: str(Path(settings.state_dir).resolve()),
+                       **settings.extra_env})
+    out = None if foreground else open_private_append(settings.log_file)
     try:
         return subprocess.Popen(
             superlink_command(settings), stdout=out, stderr=subprocess.STDOUT if out else None,
@@ -208,7 +244,12 @@ def start_superlink(settings: SuperLinkSettings, foreground: bool = False) -> su
         )
     finally:
         if out is not None:
-            out.close()
+            os.close(out)
+
+
+#: uvicorn's line once the SuperLink's own socket listens
+_LISTENING = "Uvicorn running on"
+_BIND_FAILED = "address already in use"
 
 
 def wait_until_ready(
@@ -217,13 +258,19 @@ def wait_until_ready(
     timeout_s: float = 60.0,
     process: subprocess.Popen | None = None,
     log_file: Path | None = None,
+    log_offset: int = 0,
 ) -> None:
-    """Poll ``https://address/health`` until the SuperLink answers.
+    """Poll ``https://address/health`` until the SuperLink that ``process`` runs answers.
+
+    An answer counts only while ``process`` is alive and, with a ``log_file``, once the log
+    (from byte ``log_offset``: what this start wrote) says it listens: another process on
+    the same port answers too.
 
     Raises
     ------
     SuperLinkError
-        If ``process`` exits first or ``timeout_s`` passes (with the log's tail).
+        If ``process`` exits first (naming the port when it could not bind it) or
+        ``timeout_s`` passes (with the log's tail).
 
     """
     scheme = "http" if ca_file is None else "https"
@@ -232,14 +279,24 @@ def wait_until_ready(
     last_error = ""
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
+            log = _new_log(log_file, log_offset)
+            if _BIND_FAILED in log.lower():
+                host, _, port = address.rpartition(":")
+                raise SuperLinkError(_port_taken(host, int(port), "address already in use"))
             raise SuperLinkError(
                 f"flower-superlink exited with code {process.returncode}" + _tail(log_file)
             )
         try:
             with urllib.request.urlopen(f"{scheme}://{address}/health", context=context,
                                         timeout=2) as resp:
-                if resp.status == 200:
-                    return
+                if resp.status == 200 and (
+                        log_file is None or _LISTENING in _new_log(log_file, log_offset)):
+                    if process is None:
+                        return
+                    time.sleep(0.5)  # a SuperLink that failed to bind exits at once
+                    if process.poll() is None:
+                        return
+                    continue
         except (urllib.error.URLError, OSError) as exc:
             last_error = str(exc)
         time.sleep(0.3)
@@ -247,6 +304,19 @@ def wait_until_ready(
         f"SuperLink at {address} not ready after {timeout_s:.0f}s ({last_error})"
         + _tail(log_file)
     )
+
+
+def log_size(log_file: Path) -> int:
+    """Return the size of ``log_file`` (0 when absent): where this start's lines begin."""
+    return Path(log_file).stat().st_size if Path(log_file).is_file() else 0
+
+
+def _new_log(log_file: Path | None, offset: int) -> str:
+    if log_file is None or not Path(log_file).is_file():
+        return ""
+    with Path(log_file).open("rb") as handle:
+        handle.seek(offset)
+        return handle.read().decode(errors="replace")
 
 
 def _tail(log_file: Path | None, lines: int = 15) -> str:

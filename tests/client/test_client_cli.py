@@ -113,6 +113,80 @@ def test_check_wrong_ca_is_explained(tmp_path, coordinator):
     assert "not signed by the CA in" in coord.detail
 
 
+def _signed_server_cert(folder: Path, valid_from_days: float, valid_to_days: float,
+                        names: list[str]) -> dict[str, Path]:
+    """A CA and a server certificate valid between the given offsets from now (in days)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("test CA")).issuer_name(name("test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(days=400))
+          .not_valid_after(now + dt.timedelta(days=400))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    sans: list[x509.GeneralName] = []
+    for entry in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(entry)))
+        except ValueError:
+            sans.append(x509.DNSName(entry))
+    cert = (x509.CertificateBuilder().subject_name(name("coordinator")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now + dt.timedelta(days=valid_from_days))
+            .not_valid_after(now + dt.timedelta(days=valid_to_days))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"ca": folder / "ca.crt", "cert": folder / "server.crt", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return paths
+
+
+@pytest.mark.parametrize(("valid_from", "valid_to", "names", "connect_to", "says", "not_says"), [
+    (-60, -1, ["127.0.0.1", "localhost"], "127.0.0.1", "has expired", "not signed"),
+    (2, 60, ["127.0.0.1", "localhost"], "127.0.0.1", "not valid yet", "not signed"),
+    (-1, 60, ["127.0.0.1"], "localhost", "does not name 'localhost'", "not signed"),
+    (-1, 60, ["localhost"], "127.0.0.1", "does not name '127.0.0.1'", "not signed"),
+])
+def test_tls_probe_names_the_real_certificate_problem(tmp_path, valid_from, valid_to, names,
+                                                      connect_to, says, not_says):
+    from consilia.client.site.check import TLSProbeError
+
+    certs = _signed_server_cert(tmp_path, valid_from, valid_to, names)
+    with TLSServer(certs["cert"], certs["key"]) as server:
+        with pytest.raises(TLSProbeError) as err:
+            probe_tls(connect_to, server.port, certs["ca"], timeout_s=5)
+    assert says in str(err.value)
+    assert not_says not in str(err.value)
+
+
+def test_tls_probe_with_another_ca_says_not_signed_by_it(tmp_path):
+    from consilia.client.site.check import TLSProbeError
+
+    served = _signed_server_cert(tmp_path / "served", -1, 60, ["127.0.0.1"])
+    other = _signed_server_cert(tmp_path / "other", -1, 60, ["127.0.0.1"])
+    with TLSServer(served["cert"], served["key"]) as server:
+        with pytest.raises(TLSProbeError) as err:
+            probe_tls("127.0.0.1", server.port, other["ca"], timeout_s=5)
+    assert f"not signed by the CA in {other['ca']}" in str(err.value)
+    assert "expired" not in str(err.value)
+
+
 def test_check_invalid_config_and_empty_data(tmp_path, capsys):
     path = write_site(tmp_path / "site")
     _set(path, "policy", "max_rounds", -1)

@@ -37,7 +37,8 @@ def test_bad_choice_names_field_and_allowed_values(tmp_path):
     message = str(info.value)
     assert str(path) in message
     assert "strategy.name" in message
-    assert "'fedavg', 'fedprox' or 'fedadam'" in message
+    assert ("'fedavg', 'fedprox', 'fedadam', 'fedyogi', 'fedadagrad', 'fedavgm', "
+            "'trimmed-mean', 'median', 'krum', 'multi-krum' or 'bulyan'") in message
     assert "fedsgd" in message
 
 

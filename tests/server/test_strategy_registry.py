@@ -8,7 +8,19 @@ from collections import OrderedDict
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+)
 
 from consilia.common.config import DPConfig, StrategyConfig
 from consilia.common.registry import UnknownNameError
@@ -16,7 +28,9 @@ from consilia.server.central_dp import AccountedServerSideClipping
 from consilia.server.round_hooks import RoundHooks
 from consilia.server.strategy import STRATEGIES, RecordingStrategy, build_strategy
 
-FLOWER_CLASS = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+FLOWER_CLASS = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+                "fedadagrad": FedAdagrad, "fedavgm": FedAvgM, "trimmed-mean": FedTrimmedAvg,
+                "median": FedMedian, "krum": Krum, "multi-krum": MultiKrum, "bulyan": Bulyan}
 
 
 class _Grid:
@@ -62,6 +76,38 @@ def test_central_dp_wraps_the_registered_strategy_with_the_same_hooks() -> None:
     assert isinstance(strategy.strategy, RecordingStrategy) and strategy.hooks is hooks
 
 
+def test_each_strategy_gets_its_own_parameters_from_the_config() -> None:
+    cfg = StrategyConfig(
+        min_train_sites=7, min_evaluate_sites=2, min_available_sites=7,
+        fedyogi={"eta": 0.02, "eta_l": 0.5, "beta_1": 0.7, "beta_2": 0.95, "tau": 1e-4},
+        fedadagrad={"eta": 0.3, "tau": 1e-2}, trimmed_mean={"beta": 0.3},
+        fedavgm={"server_learning_rate": 0.7, "server_momentum": 0.9},
+        krum={"num_malicious_nodes": 2},
+        multi_krum={"num_malicious_nodes": 1, "num_nodes_to_select": 3},
+        bulyan={"num_malicious_nodes": 1})
+
+    def build(name: str):
+        return build_strategy(cfg.model_copy(update={"name": name}), DPConfig(), None)
+
+    yogi = build("fedyogi")
+    assert (yogi.eta, yogi.eta_l, yogi.beta_1, yogi.beta_2, yogi.tau) == (0.02, 0.5, 0.7,
+                                                                          0.95, 1e-4)
+    adagrad = build("fedadagrad")
+    assert (adagrad.eta, adagrad.tau, adagrad.beta_1, adagrad.beta_2) == (0.3, 1e-2, 0.0, 0.0)
+    avgm = build("fedavgm")
+    assert (avgm.server_learning_rate, avgm.server_momentum, avgm.server_opt) == (0.7, 0.9, True)
+    assert build("trimmed-mean").beta == 0.3
+    krum = build("krum")
+    assert (krum.num_malicious_nodes, krum.num_nodes_to_select, krum.min_replies) == (2, 1, 7)
+    multi = build("multi-krum")
+    assert (multi.num_malicious_nodes, multi.num_nodes_to_select) == (1, 3)
+    assert multi.min_replies == 5  # max(2f+3, m+f)
+    bulyan = build("bulyan")
+    assert (bulyan.num_malicious_nodes, bulyan.min_replies) == (1, 7)  # 4f+3
+    assert build("median").min_replies == build("fedavg").min_replies == 1
+
+
 def test_an_unknown_name_lists_the_registered_ones() -> None:
-    with pytest.raises(UnknownNameError, match="fedadam, fedavg, fedprox"):
-        STRATEGIES.get("krum")
+    with pytest.raises(UnknownNameError, match="bulyan, fedadagrad, fedadam, fedavg, fedavgm, "
+                       "fedprox, fedyogi, krum, median, multi-krum, trimmed-mean"):
+        STRATEGIES.get("fedsgd")

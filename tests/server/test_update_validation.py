@@ -390,3 +390,15 @@ def test_a_federation_with_a_nan_sending_site_completes_with_a_finite_model(tmp_
     model, _run, _meta = RunDir(result.run_dir).load_global_model()
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
     assert np.isfinite(result.final["federated"]["accuracy"])
+
+
+def test_an_integer_array_keeps_its_dtype_so_the_next_round_accepts_honest_replies() -> None:
+    hooks = NotingHooks()
+    strategy = _strategy(hooks)
+    first, _ = _train(strategy, 1, _honest_replies(seed=1))
+    assert first is not None
+    key = _key("int64")
+    assert first[key].numpy().dtype == np.int64
+    assert first[key].numpy().tolist() == [10]  # every site counted 7 + 3 steps
+    second, _ = _train(strategy, 2, _honest_replies(seed=2), global_arrays=first)
+    assert second is not None and hooks.rejected == []

@@ -252,7 +252,8 @@ def test_prepare_run_dir_writes_metadata_app_and_test_set(tmp_path):
     run = RunConfig.model_validate({"name": "t", "task": TASK})
     test = tmp_path / "test.npz"
     np.savez(test, images=np.zeros((4, 1, 16, 16), np.uint8), labels=np.array([0, 1, 0, 1]))
-    app = prepare_run_dir(run, tmp_path / "run", ["fl-server", "run"], test_set=test)
+    app = prepare_run_dir(run, tmp_path / "run", ["fl-server", "run"],
+                          state_dir=tmp_path / "state", test_set=test)
     run_dir = tmp_path / "run"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["task"] == TASK
     assert json.loads((run_dir / "task.json").read_text())["class_names"] == TASK["class_names"]
@@ -261,12 +262,15 @@ def test_prepare_run_dir_writes_metadata_app_and_test_set(tmp_path):
     assert (run_dir / "test_set.npz").is_file()
     flwr = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr["components"]["serverapp"] == "consilia.server.app:app"
-    assert flwr["config"]["consilia-run-dir"] == str(run_dir.resolve())
+    # the sites see this config: the run directory is a token resolved on the coordinator
+    assert "consilia-run-dir" not in flwr["config"]
+    token = flwr["config"]["consilia-run-dir-token"]
+    assert (tmp_path / "state" / "run-dirs" / token).read_text() == str(run_dir.resolve())
     assert RunConfig.model_validate_json(flwr["config"]["consilia-config-json"]) == run
     (run_dir / "metrics").mkdir()
     (run_dir / "metrics" / "rounds.jsonl").write_text("")
     with pytest.raises(ConfigError, match="already holds a run"):
-        prepare_run_dir(run, run_dir, [])
+        prepare_run_dir(run, run_dir, [], state_dir=tmp_path / "state")
 
 
 def test_test_set_must_match_task(tmp_path):
