@@ -5,6 +5,7 @@ Examples
 ``fl-sim`` runs the default experiment (MedNIST, 5 sites, Dirichlet 0.5, FedProx, small CNN).
 ``fl-sim run --config simulations/scenarios/pneumonia_fedavg.yaml --set strategy.rounds=10``
 ``fl-sim export-sites RUN_DIR --out sites/`` writes each site's data as DICOM for rehearsal.
+``fl-sim run --init-from runs/previous/global_model.safetensors`` starts from saved weights.
 ``fl-sim run --holdout-site 2`` leaves site 2 out of training and validates on it at the end.
 ``fl-sim cv --folds 5`` cross-validates the federated pipeline (5 full runs).
 ``fl-sim tune --search tpe --trials 20 --space lr=1e-4:1e-2:log local_epochs=1,2`` searches
@@ -14,6 +15,7 @@ hyperparameters on the sites' federated validation AUC.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -50,6 +52,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave-one-site-out: site K never trains and is evaluated at the end")
     p.add_argument("--tracking", choices=("none", "tensorboard", "mlflow"), default=None,
                    help="also log per-round metrics to TensorBoard or MLflow (if installed)")
+    p.add_argument("--init-from", type=Path, default=None, metavar="FILE",
+                   help="start from the weights of this Consilia model file (.safetensors, "
+                   "e.g. RUN_DIR/global_model.safetensors) instead of a freshly seeded model")
     p.add_argument("--verbose", "-v", action="store_true", help="show Flower/Ray logs")
 
 
@@ -65,6 +70,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     for key, value in shortcuts.items():
         if value is not None:
             extra.append(f"{key}={value}")
+    if args.init_from is not None:  # JSON-quoted: read back verbatim as a YAML string
+        extra.append(f"init_from={json.dumps(str(args.init_from.resolve()))}")
     if args.no_baselines:
         extra += ["baselines.centralized=false", "baselines.local_only=false"]
     if args.sites is not None:

@@ -72,6 +72,8 @@ def _write_metadata(run_dir: Path, cfg: ExperimentConfig, argv: list[str] | None
         "command": argv if argv is not None else sys.argv,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if cfg.init_from is not None:
+        env["init_from"] = str(cfg.init_from)
     layout.environment_path.write_text(json.dumps(env, indent=2))
 
 
@@ -161,6 +163,11 @@ def run_experiment(
         image_size=bundle.image_size,
     )})
 
+    if cfg.init_from is not None:  # fail before any training: the file must fit this task
+        from consilia.server.app import load_initial_model
+
+        cfg = cfg.model_copy(update={"init_from": Path(cfg.init_from).resolve()})
+        load_initial_model(cfg.run_config())
     partition = build_partition(bundle.train, bundle.class_names, cfg.partition, cfg.seed)
     save_partition(partition, run_dir)
     table = partition_table(partition, bundle.class_names)

@@ -104,12 +104,17 @@ class PrivacyController:
         site's policy answers with this Gaussian noise multiplier: :meth:`calibrate` plans the
         run's budget to include that one release, and
         :meth:`release_feature_statistics` accounts it.
+    max_noise_multiplier : float, optional
+        The least useful privacy level the site trains at (``policy.dp.max_noise_multiplier``):
+        a new run whose noise would exceed it is refused in :meth:`calibrate`
+        (:class:`~consilia.client.privacy.budget.PrivacyBudgetExceeded`, nothing recorded).
+        ``None`` (simulated sites): no cap.
 
     Raises
     ------
     PrivacyConfigError
-        For ``dp.mode == "central"``, an accountant that is not an upper bound (``gdp``) or a
-        non-positive budget.
+        For ``dp.mode == "central"``, an accountant that is not an upper bound (``gdp``), a
+        non-positive budget or a non-positive noise cap.
 
     """
 
@@ -123,6 +128,7 @@ class PrivacyController:
         model_name: str | None = None,
         noise_seed: int | None = None,
         release_noise_multiplier: float | None = None,
+        max_noise_multiplier: float | None = None,
     ) -> None:
         if dp.mode != "local":
             raise PrivacyConfigError(
@@ -149,6 +155,10 @@ class PrivacyController:
             raise PrivacyConfigError("the feature-statistics noise multiplier must be positive, "
                                      f"got {release_noise_multiplier}")
         self.release_noise_multiplier = release_noise_multiplier
+        if max_noise_multiplier is not None and not max_noise_multiplier > 0:
+            raise PrivacyConfigError("the site's max_noise_multiplier must be positive, "
+                                     f"got {max_noise_multiplier}")
+        self.max_noise_multiplier = max_noise_multiplier
         self._calibration: RunCalibration | None = None
         self._private: PrivateRound | None = None
         self._round: tuple[str, int, int] | None = None
@@ -240,7 +250,8 @@ class PrivacyController:
         Raises
         ------
         PrivacyBudgetExceeded
-            If the budget is already spent or too small for the run.
+            If the budget is already spent or too small for the run, or the run would need
+            more noise than ``max_noise_multiplier`` (refused with one line; nothing recorded).
         PrivacyConfigError
             If the run was calibrated before with a different plan, or delta is too large.
 
@@ -250,6 +261,7 @@ class PrivacyController:
             self.ledger, self._open_entry(n_samples), plan, dataset_key=self.dataset_key,
             run_id=str(run_id), requested_epsilon=self.dp.target_epsilon,
             release_noise_multiplier=self.release_noise_multiplier,
+            max_noise_multiplier=self.max_noise_multiplier,
         )
         return self._calibration.noise_multiplier
 

@@ -6,6 +6,11 @@ Budget.
     ``dp.target_epsilon`` is a *per-run* request (the run's model alone must be
     (ε_req, δ)-DP). Both are enforced, so the request can never raise the site's budget:
     on a fresh ledger the noise is exactly ``get_noise_multiplier(min(request, budget))``.
+Noise cap (:func:`refuse_over_noise_cap`).
+    The site's policy names the least useful privacy level it trains at,
+    ``policy.dp.max_noise_multiplier``: a run whose noise (for the budget left, or for its own
+    request) would exceed it is refused with one line, before anything is recorded, instead
+    of training a run of pure-noise updates.
 Calibration (:func:`calibrate_run`).
     Noise is chosen once per run for all planned rounds (the search is
     :func:`consilia.client.privacy.planning.run_noise_multiplier`) and cached in the ledger per
@@ -26,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import NoReturn
 
 from consilia.client.privacy.budget import PrivacyBudgetExceeded, PrivacyConfigError
 from consilia.client.privacy.ledger import PrivacyLedger
@@ -42,7 +48,7 @@ from consilia.client.privacy.planning import (
     run_noise_multiplier,
 )
 
-__all__ = ["RunPlan", "calibrate_run", "effective_delta"]
+__all__ = ["RunPlan", "calibrate_run", "effective_delta", "refuse_over_noise_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +131,7 @@ def calibrate_run(
     run_id: str,
     requested_epsilon: float,
     release_noise_multiplier: float | None,
+    max_noise_multiplier: float | None = None,
 ) -> RunCalibration:
     """Return the run's cached calibration, or choose the noise and record it in the ledger.
 
@@ -144,6 +151,9 @@ def calibrate_run(
         The coordinator's per-run request (``dp.target_epsilon``).
     release_noise_multiplier : float or None
         Noise of the run's one feature-statistics release, planned into its budget.
+    max_noise_multiplier : float or None, optional
+        The site's ``policy.dp.max_noise_multiplier``: a new run needing more noise is
+        refused (:func:`refuse_over_noise_cap`); None: no cap (simulated sites).
 
     Returns
     -------
@@ -153,7 +163,8 @@ def calibrate_run(
     Raises
     ------
     PrivacyBudgetExceeded
-        If the budget is already spent or too small for the run.
+        If the budget is already spent or too small for the run, or the run's noise would
+        exceed ``max_noise_multiplier`` (nothing is recorded).
     PrivacyConfigError
         If the run was calibrated before with a different plan.
 
@@ -189,6 +200,9 @@ def calibrate_run(
         history, reserved, request=request, budget=budget, delta=delta,
         sample_rate=sample_rate, steps=planned_steps, dataset_key=dataset_key,
     )
+    if max_noise_multiplier is not None and sigma > max_noise_multiplier:
+        refuse_over_noise_cap(entry, plan, sigma, max_noise_multiplier, reserved,
+                              request=request, dataset_key=dataset_key)
     planned = AccountantState(mechanism=mechanism, history=[
         *history.history, (sigma, sample_rate, planned_steps), *reserved])
     run_only = AccountantState(
@@ -214,3 +228,69 @@ def calibrate_run(
         budget, delta, mechanism,
     )
     return recorded
+
+
+def refuse_over_noise_cap(
+    entry: LedgerEntry,
+    plan: RunPlan,
+    sigma: float,
+    max_noise_multiplier: float,
+    reserved: list[tuple[float, float, int]],
+    *,
+    request: float,
+    dataset_key: str,
+) -> NoReturn:
+    """Refuse a run whose noise ``sigma`` exceeds the site's ``max_noise_multiplier``.
+
+    The reason names the cause in one line: the lifetime budget already spent (a fresh
+    dataset would train the run below the cap), or else the run's own request (too strict
+    for the planned steps even on a fresh dataset).
+
+    Parameters
+    ----------
+    entry : LedgerEntry
+        The dataset's entry (spent epsilon, budget, delta, accountant).
+    plan : RunPlan
+        What the run plans.
+    sigma : float
+        The noise the run would need.
+    max_noise_multiplier : float
+        The site's ``policy.dp.max_noise_multiplier``.
+    reserved : list of tuple
+        The run's planned feature-statistics release, if any.
+    request : float
+        The run's requested epsilon.
+    dataset_key : str
+        The dataset (for messages).
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        Always.
+
+    """
+    cap, budget = max_noise_multiplier, entry.target_epsilon
+    steps = plan.total_rounds * plan.local_epochs * plan.steps_per_epoch
+    fresh = sigma
+    if entry.accountant_state.history:
+        try:  # what the run alone would need on a dataset with no history
+            fresh = run_noise_multiplier(
+                AccountantState(mechanism=entry.accountant, history=[]), reserved,
+                request=request, budget=budget, delta=entry.delta,
+                sample_rate=plan.sample_rate, steps=steps, dataset_key=dataset_key,
+            )
+        except PrivacyBudgetExceeded:
+            fresh = sigma
+    if fresh > cap:
+        reason = (
+            f"privacy request too strict for this site: ε {min(request, budget):g} over "
+            f"{steps} DP-SGD steps needs σ {sigma:.4g} > policy.dp.max_noise_multiplier "
+            f"{cap:g}; ask for a larger dp.target_epsilon or fewer rounds"
+        )
+    else:
+        reason = (
+            f"privacy budget spent: ε {entry.epsilon_spent:.2f} of {budget:g} left too little "
+            f"for this run (needs σ {sigma:.4g} > policy.dp.max_noise_multiplier {cap:g})"
+        )
+    log.warning("run refused on '%s': %s", dataset_key, reason)
+    raise PrivacyBudgetExceeded(reason)

@@ -150,6 +150,7 @@ def _deployed_privacy_factory(
             model_name=round_instr.model.name,
             release_noise_multiplier=statistics.dp_noise_multiplier
             if round_instr.calibration and statistics.share else None,
+            max_noise_multiplier=config.policy.dp.max_noise_multiplier,
         )
         rid = fixed_run_id or _current_run_id(round_instr.run_name)
         return controller.bind_round(rid, round_instr.server_round, round_instr.total_rounds)

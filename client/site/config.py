@@ -193,6 +193,11 @@ class DPPolicy(StrictModel):
         None, gt=0, lt=1, description="the site's delta (None: min(1e-5, 1/(10 n)))"
     )
     max_grad_norm: float = Field(1.0, gt=0, description="clipping norm of the site's own DP")
+    max_noise_multiplier: float = Field(
+        10.0, gt=0, description="the least useful privacy level this site trains at: a run "
+        "whose noise multiplier (for the budget left, or for its own request) would exceed it "
+        "is refused, and the coordinator is told why (a spent budget stops the site)"
+    )
     accountant: SiteAccountant = Field(
         "rdp", description="the accountant every DP run at this site is accounted with, "
         "whatever the run asks: rdp or prv (upper bounds); gdp is refused"

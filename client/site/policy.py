@@ -14,6 +14,12 @@ Policy decisions (documented for hospital IT):
   (:func:`check_policy`, :func:`site_dp_request`).
 - The site's lifetime budget ``policy.dp.budget_epsilon`` (per dataset, in the privacy ledger
   of the state directory) caps every DP run; the coordinator cannot raise it.
+- **A site that is done says so.** ``policy.dp.max_noise_multiplier`` (10 by default) is the
+  least useful privacy level the site trains at: a new run whose noise, for the budget left
+  (or for its own request), would exceed it is refused before anything is recorded
+  ("privacy budget spent: ε 9.99 of 10 left too little for this run (needs σ 20.3 >
+  policy.dp.max_noise_multiplier 10)"); the coordinator logs the reason and the run goes on
+  with the other sites, instead of receiving pure-noise updates.
 - **The site decides the accounting.** Every DP round is accounted with
   ``policy.dp.accountant`` (``rdp`` by default, or ``prv``: accountants whose epsilon is an
   upper bound; ``gdp`` is refused when the site configuration is loaded). A run that asks for

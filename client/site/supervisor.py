@@ -14,6 +14,14 @@ Before each (re)start of the SuperNode the coordinator is probed with a TLS hand
 is unreachable the site waits (1 s, 2 s, 4 s, ... up to ``runtime.max_backoff_s``) and says
 why, instead of exiting. SIGTERM / SIGINT stop both children cleanly.
 
+Neither child can outlive this supervisor: each runs in its own process group (a clean stop
+sends SIGTERM to the group, so whatever the child started goes too), and on Linux the kernel
+sends it SIGTERM when the supervisor dies, even by ``kill -9``
+(:func:`consilia.common.child_env.die_with_parent`). The SuperNode runs inside its launcher's
+process, so it gets that signal itself; Flower's SuperExec and ClientApp processes under it
+end with it (they watch their parent's pid). The site's ClientApp process stops after the task
+it is running, if any.
+
 Logs go to ``<state_dir>/logs``: ``fl-client.log`` (this supervisor), ``supernode.log``
 (Flower), ``site.log`` and ``rounds.jsonl`` (the ClientApp process: one line per task).
 """
@@ -37,6 +45,7 @@ from typing import IO
 from consilia.client.site.check import TLSProbeError, check_auth_key, probe_tls
 from consilia.client.site.config import SiteConfig
 from consilia.common.child_env import child_env as process_env
+from consilia.common.child_env import parent_death_preexec, stop_process_group
 from consilia.common.constants import NodeConfigKey
 
 __all__ = ["Backoff", "SiteSupervisor", "explain_supernode_exit"]
@@ -152,9 +161,11 @@ class _Child:
 
     def start(self) -> None:
         stdout: int | None = subprocess.PIPE if self.log_path else None
+        # its own process group (stopped as a whole), and SIGTERM when this process dies
         self.process = subprocess.Popen(  # noqa: S603 - fixed argv built here
             self.argv, env=self.env, stdout=stdout,
             stderr=subprocess.STDOUT if self.log_path else None, text=True, bufsize=1,
+            process_group=0, preexec_fn=parent_death_preexec(),
         )
         self.started = time.monotonic()
         if self.log_path is not None and self.process.stdout is not None:
@@ -169,13 +180,8 @@ class _Child:
     def stop(self, grace_s: float) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0f s; killing it", self.name, grace_s)
-            self.process.kill()
-            self.process.wait()
+        if not stop_process_group(self.process, grace_s):
+            log.warning("%s did not stop within %.0f s; killed it", self.name, grace_s)
         if self._pump is not None:
             self._pump.join(timeout=2)
 

@@ -78,6 +78,12 @@ class RunConfig(StrictModel):
         default="none",
         description="also log per-round metrics to TensorBoard or MLflow (optional extras)"
     )
+    init_from: Path | None = Field(
+        default=None,
+        description="start from the weights of this Consilia model file (.safetensors, read "
+        "on the coordinator) instead of a freshly seeded model; its model and task must match "
+        "this run's (fl-sim run / fl-server run --init-from FILE)"
+    )
 
     @model_validator(mode="after")
     def _central_dp_needs_a_mean(self) -> RunConfig:

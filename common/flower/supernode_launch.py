@@ -16,6 +16,11 @@ after 50 ms instead of 1 s (:mod:`consilia.common.flower.object_pulls`). Then it
 
 If a Flower upgrade moves the loop, the change is skipped with a warning and the SuperNode
 runs with Flower's own timing.
+
+The SuperNode runs in this process (no further child), so the parent-death signal ``fl-client``
+sets for it (:func:`consilia.common.child_env.die_with_parent`) reaches Flower's own SIGTERM
+handling; the ``flower-superexec`` / ``flwr-clientapp`` processes Flower starts watch this
+process's pid and end with it.
 """
 
 from __future__ import annotations

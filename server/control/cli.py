@@ -208,7 +208,7 @@ def _cmd_sites(args: argparse.Namespace) -> int:
 
 # -- runs ------------------------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
-    run = load_run_config(args.config, args.overrides)
+    run = load_run_config(args.config, args.overrides, init_from=args.init_from)
     operator = _operator(args)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = (args.out or Path("runs") / f"{run.name}-{stamp}").resolve()
@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-set", type=Path, default=None,
                    help="coordinator-held test split (.npz: images uint8 NxCxHxW, labels) "
                         "for server-side evaluation of the global model each round")
+    p.add_argument("--init-from", type=Path, default=None, metavar="FILE",
+                   help="start from the weights of this Consilia model file (.safetensors, on "
+                        "this machine) instead of a freshly seeded model")
     p.add_argument("--detach", action="store_true", help="submit and return at once")
     p.add_argument("--timeout", type=float, default=None,
                    help="stop the run if it has not finished after this many seconds")

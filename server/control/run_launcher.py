@@ -60,19 +60,33 @@ class RunTimeoutError(TimeoutError):
     """The run did not finish within the time the operator allowed."""
 
 
-def load_run_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
+def load_run_config(
+    path: Path, overrides: Sequence[str] = (), init_from: Path | None = None
+) -> RunConfig:
     """Read a run config (YAML/TOML) plus ``section.field=value`` overrides.
+
+    ``init_from`` (``--init-from FILE``) replaces the file's ``init_from``; either is resolved
+    on this (the coordinator) machine, where the ServerApp reads it, and checked against the
+    run's model and task before anything is submitted.
 
     Raises
     ------
     ConfigError
-        Naming the file and each bad field; also when ``task`` is missing.
+        Naming the file and each bad field; also when ``task`` is missing, and when the
+        ``init_from`` model file is missing, not a Consilia model file or another model.
 
     """
     data = apply_overrides(load_config_file(Path(path)), list(overrides))
     run = parse_model(RunConfig, data, str(path))
     if run.task is None:
         raise ConfigError(f"{path}: {_TASK_HELP}")
+    chosen = init_from if init_from is not None else run.init_from
+    if chosen is not None:
+        from consilia.server.app import load_initial_model
+
+        option = "--init-from" if init_from is not None else f"{path}: init_from"
+        run = run.model_copy(update={"init_from": Path(chosen).resolve()})
+        load_initial_model(run, option)
     s = run.strategy
     if s.min_train_sites > s.min_available_sites:
         raise ConfigError(
@@ -169,6 +183,8 @@ def prepare_run_dir(
         "command": list(command),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if run.init_from is not None:
+        env["init_from"] = str(run.init_from)
     layout.environment_path.write_text(json.dumps(env, indent=2))
     if test_set is not None:
         check_test_set(test_set, run)

@@ -515,3 +515,82 @@ def test_model_specs_carry_the_measured_grad_sample_modes() -> None:
     for name, mode in measured.items():
         assert MODELS.get(name).dp_grad_sample_mode == mode
         assert choose_grad_sample_mode(name) == mode
+
+
+# ---------------------------------------------------------------------------------------
+# A site that is done says so (policy.dp.max_noise_multiplier)
+# ---------------------------------------------------------------------------------------
+
+
+def _capped_controller(path: Path, budget: float, cap: float = 10.0) -> PrivacyController:
+    return PrivacyController(_dp(target_epsilon=8.0), budget, None, PrivacyLedger(path), KEY,
+                             model_name="cnn", max_noise_multiplier=cap)
+
+
+def _spend_one_run(path: Path, budget: float) -> float:
+    """Run "A" spends the site's whole budget (to within the 0.01 search tolerance)."""
+    first = _capped_controller(path, budget)
+    first.calibrate(N, BATCH, 2, 1, run_id="A")
+    for rnd in (1, 2):
+        _accounting_round(first, "A", rnd)
+    return first.spent_epsilon()
+
+
+def test_a_nearly_spent_budget_refuses_the_run_with_the_reason_and_records_nothing(
+    tmp_path: Path, dataset: TensorDataset
+) -> None:
+    path, budget = tmp_path / "l.json", 4.0
+    spent = _spend_one_run(path, budget)
+    assert budget - 0.011 <= spent <= budget + 1e-9
+    before = PrivacyLedger(path).entry(KEY)
+    model = build_model("cnn", 1, 3, SIZE)
+    weights = [p.detach().clone() for p in model.parameters()]
+    ctrl = _capped_controller(path, budget).bind_round("B", 1, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(PrivacyBudgetExceeded) as info:
+        ctrl.train(model, opt, _loader(dataset), nn.CrossEntropyLoss(), 1)
+    reason = info.value.reason
+    assert reason.startswith(f"privacy budget spent: ε {spent:.2f} of 4 left too little for "
+                             "this run (needs σ ")
+    needed = float(reason.split("needs σ ")[1].split(" >")[0])
+    assert needed > 10.0 and reason.endswith("> policy.dp.max_noise_multiplier 10)")
+    assert "\n" not in reason
+    from consilia.client.site.worker import _is_refusal, _refusal_text
+
+    assert _is_refusal(info.value)  # the worker answers with an error reply the coordinator logs
+    assert _refusal_text("hospital-a", info.value) == f"site 'hospital-a' refused: {reason}"
+    after = PrivacyLedger(path).entry(KEY)
+    assert after.runs == ["A"] and "B" not in after.calibrations
+    assert after.rounds_taken == before.rounds_taken == 2
+    assert after.epsilon_spent == before.epsilon_spent
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+    # the same run at a site that accepts heavier noise: calibrated at the noise it named
+    heavy = _capped_controller(path, budget, cap=1e6).calibrate(N, BATCH, 3, 1, run_id="B")
+    assert heavy == pytest.approx(needed, rel=1e-3)
+
+
+def test_a_budget_with_room_left_trains_below_the_cap(
+    tmp_path: Path, dataset: TensorDataset
+) -> None:
+    path = tmp_path / "l.json"
+    model = build_model("cnn", 1, 3, SIZE)
+    ctrl = _capped_controller(path, budget=6.0).bind_round("A", 1, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss, n, steps = ctrl.train(model, opt, _loader(dataset), nn.CrossEntropyLoss(), 1)
+    assert math.isfinite(loss) and (n, steps) == (N, 32)
+    cal = PrivacyLedger(path).entry(KEY).calibrations["A"]
+    assert 0 < cal.noise_multiplier <= 10.0
+    assert PrivacyLedger(path).entry(KEY).rounds_taken == 1
+
+
+def test_a_request_too_strict_for_the_cap_is_refused_as_such(tmp_path: Path) -> None:
+    ctrl = PrivacyController(_dp(target_epsilon=0.5), 10.0, None,
+                             PrivacyLedger(tmp_path / "l.json"), KEY, max_noise_multiplier=2.0)
+    with pytest.raises(PrivacyBudgetExceeded, match=r"^privacy request too strict for this "
+                       r"site: ε 0.5 over 96 DP-SGD steps needs σ [\d.]+ > "
+                       r"policy.dp.max_noise_multiplier 2; ask for a larger"):
+        ctrl.calibrate(N, BATCH, 3, 1, run_id="A")
+    assert PrivacyLedger(tmp_path / "l.json").entry(KEY).calibrations == {}
+    with pytest.raises(PrivacyConfigError, match="max_noise_multiplier must be positive"):
+        PrivacyController(_dp(), 3.0, None, PrivacyLedger(tmp_path / "m.json"), KEY,
+                          max_noise_multiplier=0.0)

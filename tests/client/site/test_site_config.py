@@ -82,6 +82,9 @@ def test_dicom_labels_csv_stays_relative_to_the_data_root(site_yaml):
         ({"policy__max_rounds": 0}, ["policy.max_rounds"]),
         ({"policy__dp__when_not_requested": "maybe"},
          ["policy.dp.when_not_requested", "'enforce' or 'refuse'"]),
+        ({"policy__dp__max_noise_multiplier": 0}, ["policy.dp.max_noise_multiplier",
+                                                    "greater than 0"]),
+        ({"policy__dp__max_noise_multiplier": "lots"}, ["policy.dp.max_noise_multiplier"]),
         ({"policy__approved_apps": ["consilia-run"]},
          ["policy.approved_apps", "publisher/name==version"]),
         ({"policy__approved_apps": ["sha256:abc"]}, ["policy.approved_apps", "64 hex"]),
@@ -297,6 +300,17 @@ def test_deploy_example_site_config_validates():
         pytest.skip("deploy/site.example.yaml not written yet")
     cfg = load_site_config(example)
     assert cfg.name and cfg.coordinator.address
+    assert cfg.policy.dp.required and cfg.policy.dp.max_noise_multiplier == 10.0
+
+
+def test_the_noise_cap_defaults_to_ten_and_reaches_the_sites_privacy_controller(site_yaml):
+    assert SitePolicy().dp.max_noise_multiplier == 10.0
+    _edit(site_yaml, policy={"dp": {"required": True, "max_noise_multiplier": 4.5}})
+    assert load_site_config(site_yaml).policy.dp.max_noise_multiplier == 4.5
+    instr = _instr(rounds=2, batch=5)
+    site = load_deployed_site(site_yaml, instr, run_id=11)
+    controller = site.trainer.privacy_factory(instr, len(site.trainer.train_data))
+    assert controller is not None and controller.max_noise_multiplier == 4.5
 
 
 # -- the site decides the accounting (issue 14 item 1) ---------------------------------------
