@@ -58,7 +58,11 @@ def test_start_on_a_taken_port_exits_2_naming_it_and_never_says_ready(tmp_path):
 
 
 def test_check_port_free_passes_on_a_free_port():
-    check_port_free("127.0.0.1", free_port())
+    port = free_port()
+    assert check_port_free("127.0.0.1", port) is None
+    with socket.socket() as again:  # the check released the port it probed
+        again.bind(("127.0.0.1", port))
+        assert again.getsockname()[1] == port
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
